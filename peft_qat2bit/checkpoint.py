@@ -69,6 +69,7 @@ def save_qat_model(model: torch.nn.Module, save_directory: str, **save_pretraine
         model.save_pretrained(staging, safe_serialization=True, **save_pretrained_kwargs)
         _replace_directory(staging, target)
     except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -78,8 +79,13 @@ def _replace_directory(source: Path, target: Path) -> None:
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
     os.replace(target, backup / target.name)
-    os.replace(source, target)
-    shutil.rmtree(backup, ignore_errors=True)
+    try:
+        os.replace(source, target)
+    except OSError:
+        os.replace(backup / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -118,6 +124,16 @@ def read_scale_factors(path: str) -> dict[str, torch.Tensor]:
                 if key.endswith(F_SUFFIX):
                     factors[key[: -len(F_SUFFIX)]] = handle.get_tensor(key)
     return factors
+
+
+def _stored_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in _safetensors_files(Path(path)):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(".weight"):
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
 
 
 def _infer_config(f_shape: torch.Size, weight_shape: torch.Size) -> Balanced2BitFakeQuantizeConfig:
@@ -184,7 +200,27 @@ def load_qat_model(
         model = model_class.from_pretrained(path, **from_pretrained_kwargs)
     finally:
         transformers_logger.setLevel(level)
+    return apply_qat_checkpoint(model, path, weight_config, factors)
 
+
+def apply_qat_checkpoint(
+    model: torch.nn.Module,
+    path: str,
+    weight_config: Optional[Balanced2BitFakeQuantizeConfig] = None,
+    factors: Optional[dict[str, torch.Tensor]] = None,
+) -> torch.nn.Module:
+    """Swap the layers that the stage A checkpoint at ``path`` quantized for ``QATLinear``, with its ``f``.
+
+    ``model`` must already hold the checkpoint's float weights, as after ``from_pretrained(path)``: only
+    ``f`` and the layout are read here. ``load_qat_model`` does both steps.
+
+    Raises:
+        ValueError: if a quantized layer is missing from ``model`` or its weight shape differs from the
+            checkpoint's, or if the layout differs from ``weight_config``.
+    """
+    if factors is None:
+        factors = read_scale_factors(path)
+    stored_shapes = _stored_weight_shapes(path)
     saved = _saved_configs(model.config)
     modules = dict(model.named_modules())
     for name, f in factors.items():
@@ -193,6 +229,12 @@ def load_qat_model(
             raise ValueError(
                 f"the checkpoint has f for {name!r}, but the model has no nn.Linear of that name; "
                 f"check that {path} was saved from this architecture"
+            )
+        stored_shape = stored_shapes.get(name + ".weight")
+        if stored_shape is not None and stored_shape != tuple(linear.weight.shape):
+            raise ValueError(
+                f"{name}: the weight in {path} has shape {stored_shape}, but the model's layer has "
+                f"{tuple(linear.weight.shape)}; use a model of the size that checkpoint was saved from"
             )
         config = saved.get(name) or _infer_config(f.shape, linear.weight.shape)
         if weight_config is not None and not config.same_layout(weight_config):

@@ -69,8 +69,10 @@ class Balanced2BitFakeQuantizer(FakeQuantizerBase):
         return self.group_view(weight.detach()).float().abs().amax(dim=-1).clamp_min(TINY_SCALE)
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return the step ``s = f * max(|W|) / 2`` as (rows, groups, 1) fp32."""
-        return (self.f.float() * self.absmax(weight) / 2).unsqueeze(-1)
+        """Return the step ``s = f * max(|W|) / 2`` as (rows, groups, 1) fp32, at least ``TINY_SCALE``."""
+        # Clamping s, not only max|W|, keeps an all-zero group's s a normal float. TINY_SCALE / 2 is
+        # subnormal, and torch.set_flush_denormal(True) would flush it to 0 and turn 0 / s into NaN.
+        return (self.f.float() * self.absmax(weight) / 2).clamp_min(TINY_SCALE).unsqueeze(-1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -131,9 +133,12 @@ class Balanced2BitFakeQuantizer(FakeQuantizerBase):
     def _apply(self, fn, recurse=True):
         # Keep f in fp32 through .to(dtype) / .half() / .bfloat16(): only its device follows the cast.
         original = self.f.data
+        original_grad = self.f.grad
         result = super()._apply(fn, recurse)
         if self.f.dtype != torch.float32:
             self.f.data = original.to(device=self.f.device, dtype=torch.float32)
+        if self.f.grad is not None and self.f.grad.dtype != torch.float32:
+            self.f.grad = original_grad.to(device=self.f.device, dtype=torch.float32)
         return result
 
     def extra_repr(self) -> str:

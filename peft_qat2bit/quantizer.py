@@ -128,8 +128,14 @@ def newton_clip(
             "weight contains NaN or Inf values, so no clipping threshold can be chosen; "
             "check the checkpoint or the training run that produced it"
         )
-    absmax = magnitude.amax(dim=-1)
-    clip = magnitude.mean(dim=-1)
+    # Sorting once turns each iteration's sums over |w| > c into a binary search and a prefix-sum
+    # lookup per group, so an iteration costs O(groups * log(group_len)) instead of a pass over W.
+    sorted_magnitude = magnitude.sort(dim=-1).values
+    group_len = sorted_magnitude.shape[-1]
+    prefix_sum = torch.nn.functional.pad(sorted_magnitude.double().cumsum(dim=-1), (1, 0))
+    total = prefix_sum[..., -1]
+    absmax = sorted_magnitude[..., -1]
+    clip = (total / group_len).float()
     # The plain recursion overshoots on the balanced grid: on Gaussian weights its slope at the fixed
     # point is below -1, so it cycles between two values. Each group therefore takes a damped step that
     # starts at half the Newton step and halves again whenever the step changes sign.
@@ -138,11 +144,11 @@ def newton_clip(
     last_step = 0.0
     iterations = 0
     for iterations in range(1, max_iterations + 1):
-        outside = magnitude > clip.unsqueeze(-1)
-        fraction_outside = outside.float().mean(dim=-1)
-        clipped_mean = (magnitude * outside).mean(dim=-1)
+        inside_count = torch.searchsorted(sorted_magnitude, clip.unsqueeze(-1), right=True).squeeze(-1)
+        fraction_outside = (group_len - inside_count).double() / group_len
+        clipped_mean = (total - prefix_sum.gather(-1, inside_count.unsqueeze(-1)).squeeze(-1)) / group_len
         denominator = (1.0 - fraction_outside) / 36.0 + 0.75 * fraction_outside
-        target = clipped_mean / denominator
+        target = (clipped_mean / denominator).float()
         # A target of 0 means nothing is clipped (c >= max|w|), where the fixed point pulls c down to
         # the largest weight, so aim at max|w| instead of collapsing the grid.
         target = torch.where(target > 0, target, absmax)
