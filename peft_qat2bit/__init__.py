@@ -1,0 +1,25 @@
+"""Balanced 2-bit quantization-aware training and LoRA quality recovery for Hugging Face causal LMs."""
+
+from .api import QAT2BitConfig, module_filter
+from .callbacks import EMACallback, QATStatsCallback
+from .checkpoint import load_qat_model, qat_linears, save_qat_model
+from .fake_quantize_config import Balanced2BitFakeQuantizeConfig
+from .fake_quantizer import Balanced2BitFakeQuantizer
+from .linear import QATLinear
+from .stats import quantizer_statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Balanced2BitFakeQuantizeConfig",
+    "Balanced2BitFakeQuantizer",
+    "EMACallback",
+    "QAT2BitConfig",
+    "QATLinear",
+    "QATStatsCallback",
+    "load_qat_model",
+    "module_filter",
+    "qat_linears",
+    "quantizer_statistics",
+    "save_qat_model",
+]

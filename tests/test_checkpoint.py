@@ -1,0 +1,273 @@
+"""Save and load of stage A models with ``save_qat_model`` / ``load_qat_model``, and ``quantizer_statistics``."""
+
+import json
+
+import pytest
+import torch
+from torchao.quantization import quantize_
+
+from conftest import tiny_qwen3
+from peft_qat2bit import (
+    Balanced2BitFakeQuantizeConfig,
+    QAT2BitConfig,
+    QATLinear,
+    load_qat_model,
+    quantizer_statistics,
+    save_qat_model,
+)
+from peft_qat2bit.quantizer import LEVELS
+
+GRANULARITIES = [("per_tensor", None), ("per_channel", None), ("per_group", 16)]
+
+
+def prepared_model(granularity="per_tensor", group_size=None, seed=0):
+    """Return a tiny Qwen3 after prepare, with every f moved off its Newton value as training would."""
+    model = tiny_qwen3(seed=seed)
+    quantize_(model, QAT2BitConfig(Balanced2BitFakeQuantizeConfig(granularity, group_size=group_size)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in qat_modules(model).values():
+            f = module.weight_fake_quantizer.f
+            f.mul_(1.0 + 0.1 * torch.rand(f.shape, generator=generator))
+    return model
+
+
+def qat_modules(model):
+    return {name: module for name, module in model.named_modules() if isinstance(module, QATLinear)}
+
+
+def token_ids():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 512, (2, 16), generator=generator)
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(token_ids()).logits
+
+
+def edit_config_json(path, edit):
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    edit(config)
+    config_file.write_text(json.dumps(config))
+
+
+# Round trip
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_roundtrip_logits_exact(tmp_path, granularity, group_size):
+    model = prepared_model(granularity, group_size)
+    expected = logits_of(model)
+
+    save_qat_model(model, tmp_path / "ckpt")
+    loaded = load_qat_model(tmp_path / "ckpt")
+
+    assert torch.equal(logits_of(loaded), expected)
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_roundtrip_state_exact(tmp_path, granularity, group_size):
+    model = prepared_model(granularity, group_size)
+    expected = model.state_dict()
+
+    save_qat_model(model, tmp_path / "ckpt")
+    loaded = load_qat_model(tmp_path / "ckpt").state_dict()
+
+    assert loaded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert loaded[key].dtype == tensor.dtype, key
+        assert torch.equal(loaded[key], tensor), key
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_roundtrip_keeps_layout(tmp_path, granularity, group_size):
+    model = prepared_model(granularity, group_size)
+    expected = {name: module.weight_config.to_dict() for name, module in qat_modules(model).items()}
+
+    save_qat_model(model, tmp_path / "ckpt")
+    loaded = load_qat_model(tmp_path / "ckpt")
+
+    assert {name: module.weight_config.to_dict() for name, module in qat_modules(loaded).items()} == expected
+
+
+def test_loaded_model_train_ready(tmp_path):
+    model = prepared_model("per_channel")
+    save_qat_model(model, tmp_path / "ckpt")
+
+    loaded = load_qat_model(tmp_path / "ckpt")
+    loaded.train()
+    loaded(token_ids(), labels=token_ids()).loss.backward()
+    parameter_names = {name for name, _ in loaded.named_parameters()}
+
+    assert qat_modules(loaded).keys() == qat_modules(model).keys()
+    for name, module in qat_modules(loaded).items():
+        f = module.weight_fake_quantizer.f
+        assert f"{name}.weight_fake_quantizer.f" in parameter_names, name
+        assert f.requires_grad, name
+        assert f.dtype == torch.float32, name
+        assert f.grad is not None, name
+        assert module.weight.grad is not None, name
+
+
+def test_load_infers_layout_without_key(tmp_path):
+    # A Trainer checkpoint written without QATStatsCallback has no qat2bit entry in config.json.
+    model = prepared_model("per_group", 16)
+    expected = logits_of(model)
+    save_qat_model(model, tmp_path / "ckpt")
+    edit_config_json(tmp_path / "ckpt", lambda config: config.pop("qat2bit"))
+
+    loaded = load_qat_model(tmp_path / "ckpt")
+    layer = loaded.model.layers[0].mlp.down_proj
+
+    assert layer.weight_config.to_dict()["group_size"] == 16
+    assert torch.equal(logits_of(loaded), expected)
+
+
+def test_load_matching_config_keeps_f(tmp_path):
+    model = prepared_model("per_channel")
+    save_qat_model(model, tmp_path / "ckpt")
+    expected = model.model.layers[1].self_attn.o_proj.weight_fake_quantizer.f.detach()
+
+    # init differs, but init does not change the layout, and a loaded f is never re-initialised.
+    requested = Balanced2BitFakeQuantizeConfig("per_channel", init="absmax")
+    loaded = load_qat_model(tmp_path / "ckpt", weight_config=requested)
+
+    assert torch.equal(loaded.model.layers[1].self_attn.o_proj.weight_fake_quantizer.f.detach(), expected)
+
+
+# Invalid checkpoints
+
+
+def test_load_other_layout_rejected(tmp_path):
+    save_qat_model(prepared_model("per_channel"), tmp_path / "ckpt")
+    requested = Balanced2BitFakeQuantizeConfig("per_group", group_size=16)
+
+    with pytest.raises(ValueError) as excinfo:
+        load_qat_model(tmp_path / "ckpt", weight_config=requested)
+
+    message = str(excinfo.value)
+    assert "saved with {'granularity': 'per_channel'" in message
+    assert "weight_config={'granularity': 'per_group', 'group_size': 16" in message
+
+
+def test_load_plain_model_rejected(tmp_path):
+    tiny_qwen3().save_pretrained(tmp_path / "plain")
+
+    with pytest.raises(ValueError, match="weight_fake_quantizer.f' tensors, so it is not a QAT checkpoint"):
+        load_qat_model(tmp_path / "plain")
+
+
+def test_load_format_version_99(tmp_path):
+    save_qat_model(prepared_model(), tmp_path / "ckpt")
+    edit_config_json(tmp_path / "ckpt", lambda config: config["qat2bit"].update(format_version=99))
+
+    with pytest.raises(ValueError, match="format_version=99"):
+        load_qat_model(tmp_path / "ckpt")
+
+
+def test_save_plain_model_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no QATLinear layers"):
+        save_qat_model(tiny_qwen3(), tmp_path / "ckpt")
+
+    assert list(tmp_path.iterdir()) == []
+
+
+# Atomic save
+
+
+def test_save_replaces_directory(tmp_path):
+    save_qat_model(prepared_model(seed=0), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "stale.txt").write_text("left from the first save")
+    second = prepared_model(seed=1)
+
+    save_qat_model(second, tmp_path / "ckpt")
+    loaded = load_qat_model(tmp_path / "ckpt")
+
+    assert [path.name for path in tmp_path.iterdir()] == ["ckpt"]
+    assert not (tmp_path / "ckpt" / "stale.txt").exists()
+    assert torch.equal(logits_of(loaded), logits_of(second))
+
+
+def test_failed_save_keeps_old(tmp_path, monkeypatch):
+    first = prepared_model(seed=0)
+    save_qat_model(first, tmp_path / "ckpt")
+    weights_before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    second = prepared_model(seed=1)
+
+    def save_one_file_then_fail(save_directory, **kwargs):
+        (save_directory / "model.safetensors").write_bytes(b"truncated")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(second, "save_pretrained", save_one_file_then_fail)
+
+    with pytest.raises(OSError, match="No space left"):
+        save_qat_model(second, tmp_path / "ckpt")
+
+    assert [path.name for path in tmp_path.iterdir()] == ["ckpt"]
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == weights_before
+    assert torch.equal(logits_of(load_qat_model(tmp_path / "ckpt")), logits_of(first))
+
+
+def test_save_creates_parent(tmp_path):
+    save_qat_model(prepared_model(), tmp_path / "runs" / "stage_a")
+
+    assert (tmp_path / "runs" / "stage_a" / "model.safetensors").is_file()
+    assert [path.name for path in (tmp_path / "runs").iterdir()] == ["stage_a"]
+
+
+# quantizer_statistics
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_stats_levels_sum_one(granularity, group_size):
+    stats = quantizer_statistics(prepared_model(granularity, group_size))
+    level_total = sum(stats[f"qat/level_{level:+.1f}"] for level in LEVELS)
+
+    assert level_total == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_stats_clip_fraction_range(granularity, group_size):
+    stats = quantizer_statistics(prepared_model(granularity, group_size))
+
+    assert 0.0 <= stats["qat/clip_fraction"] <= 1.0
+    # Newton clips inside max|W|, so some weights lie beyond c.
+    assert stats["qat/clip_fraction"] > 0.0
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_stats_mean_f_all_elements(granularity, group_size):
+    model = prepared_model(granularity, group_size)
+    all_f = torch.cat([module.weight_fake_quantizer.f.detach().flatten() for module in qat_modules(model).values()])
+
+    stats = quantizer_statistics(model)
+
+    assert stats["qat/mean_f"] == pytest.approx(all_f.double().mean().item(), rel=1e-12)
+
+
+def test_stats_level_fractions_exact():
+    model = prepared_model("per_group", 16)
+    counts = torch.zeros(len(LEVELS), dtype=torch.float64)
+    total = 0
+    for module in qat_modules(model).values():
+        quantizer = module.weight_fake_quantizer
+        rows, groups = quantizer.f.shape
+        grouped_weight = module.weight.detach().reshape(rows, groups, -1)
+        scale = quantizer.f.detach().unsqueeze(-1) * grouped_weight.abs().amax(dim=-1, keepdim=True) / 2
+        output = module.quantized_weight().detach().reshape(rows, groups, -1)
+        for index, level in enumerate(LEVELS):
+            counts[index] += (output == scale * level).sum().item()
+        total += output.numel()
+
+    stats = quantizer_statistics(model)
+
+    assert counts.sum().item() == total
+    for index, level in enumerate(LEVELS):
+        assert stats[f"qat/level_{level:+.1f}"] == pytest.approx(counts[index].item() / total, abs=1e-12), level
+
+
+def test_stats_plain_model_empty():
+    assert quantizer_statistics(tiny_qwen3()) == {}
