@@ -7,6 +7,7 @@ from .fake_quantize_config import Balanced2BitFakeQuantizeConfig
 from .fake_quantizer import Balanced2BitFakeQuantizer
 from .linear import QATLinear
 from .stats import quantizer_statistics
+from .tuner import QATLoraConfig
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "EMACallback",
     "QAT2BitConfig",
     "QATLinear",
+    "QATLoraConfig",
     "QATStatsCallback",
     "load_qat_model",
     "module_filter",

@@ -186,7 +186,7 @@ def load_qat_model(
     factors = read_scale_factors(path)
     if not factors:
         raise ValueError(
-            f"{path} holds no '*{F_SUFFIX}' tensors, so it is not a QAT checkpoint; "
+            f"{path} contains no '*{F_SUFFIX}' tensors, so it is not a QAT checkpoint; "
             f"load it with from_pretrained and run quantize_(model, QAT2BitConfig()) instead"
         )
     # config.json may name another dtype than the stored tensors (the Trainer records its autocast

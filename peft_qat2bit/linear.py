@@ -18,6 +18,9 @@ class QATLinear(torch.nn.Linear):
     quantized weight is computed once and reused. The cache is keyed by the storage and version
     counter of both tensors, so ``.to()``, a dtype change, ``load_state_dict`` or any in-place
     update of the weight or ``f`` recomputes it.
+
+    NOTE: an in-place edit through ``.data`` (``layer.weight.data.copy_(w)``) does not bump the
+    version counter and leaves a stale cache; edit under ``torch.no_grad()`` instead.
     """
 
     def __init__(
