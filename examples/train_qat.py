@@ -4,8 +4,8 @@
 
 Any field of the recipe can be overridden on the command line, for example
 ``--granularity per_group --group_size 64`` or ``--dataset_name data/alpaca.json``. An Alpaca-format
-dataset (instruction, input, output) is converted to chat messages, so ``assistant_only_loss``
-trains on the answers only, through TRL's training chat templates.
+dataset (instruction, input, output) is converted to chat messages. With ``assistant_only_loss``
+TRL then computes the loss on the assistant turns only, through its training chat templates.
 """
 
 import logging

@@ -34,8 +34,8 @@ def alpaca_to_chat(dataset: Dataset) -> Dataset:
 def pydoc_topics_text(held_out_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
     """Split CPython's ``pydoc_data.topics`` (the language reference prose behind ``help()``) into text datasets.
 
-    Several topic names share one text, so texts are deduplicated first; they are then sorted by their
-    first topic name and every ``round(1 / held_out_fraction)``-th one goes to the held-out set. The
+    Several topic names share one text, so texts are deduplicated first. They are then sorted by their
+    first topic name, and every ``round(1 / held_out_fraction)``-th one goes to the held-out set. The
     split is the same on every machine with the same Python version, and no text is in both sets.
 
     Returns:
