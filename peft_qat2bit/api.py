@@ -7,6 +7,7 @@ Usage::
 
     quantize_(model, QAT2BitConfig())                                  # every Linear but lm_head
     quantize_(model, QAT2BitConfig(), filter_fn=module_filter(["q_proj", "v_proj"]))
+    quantize_(model, QAT2BitConfig(step="convert"))                    # QATLinear -> Packed2BitLinear
 """
 
 import re
@@ -20,8 +21,9 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .fake_quantize_config import Balanced2BitFakeQuantizeConfig
 from .linear import QATLinear
+from .packing import Packed2BitLinear
 
-STEPS = ("prepare",)
+STEPS = ("prepare", "convert")
 
 ModulePatterns = Union[str, Sequence[str]]
 
@@ -43,7 +45,10 @@ class QAT2BitConfig(AOBaseConfig):
 
     Args:
         weight_config: the fake quantizer settings; the default is per tensor with Newton init.
-        step: "prepare" inserts the fake quantizer and initialises ``f``.
+        step: "prepare" inserts the fake quantizer and initialises ``f``. "convert" replaces every
+            ``QATLinear`` with a ``Packed2BitLinear`` that stores the 2-bit codes packed four per byte
+            and computes the same weight. ``weight_config`` and ``exclude_modules`` do not apply to it.
+            Run it with the default ``filter_fn``, because ``module_filter`` skips ``QATLinear`` layers.
         exclude_modules: names never quantized, matched as PEFT's ``target_modules``: a list of
             names or name suffixes, or one regular expression. The default keeps ``lm_head``
             in float; embeddings are not ``nn.Linear`` and are never touched. Pass ``()`` to
@@ -84,6 +89,11 @@ def _name_in_quantize_call() -> Optional[str]:
 
 @register_quantize_module_handler(QAT2BitConfig)
 def _qat2bit_transform(module: torch.nn.Module, config: QAT2BitConfig) -> torch.nn.Module:
+    if config.step == "convert":
+        # torchao's default filter_fn passes a QATLinear, since it is an nn.Linear.
+        if not isinstance(module, QATLinear):
+            return module
+        return Packed2BitLinear.from_qat_linear(module, module_name=_name_in_quantize_call())
     if isinstance(module, QATLinear) or not isinstance(module, torch.nn.Linear):
         return module
     name = _name_in_quantize_call()

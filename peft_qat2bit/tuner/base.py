@@ -7,44 +7,58 @@ import torch
 from torchao.quantization import quantize_
 
 from ..api import QAT2BitConfig
-from ..checkpoint import apply_qat_checkpoint, qat_layout, read_scale_factors
+from ..checkpoint import FORMAT_VERSION, apply_qat_checkpoint, read_scale_factors
 from ..fake_quantize_config import Balanced2BitFakeQuantizeConfig
 from ..linear import QATLinear
+from ..packing import Packed2BitLinear
 from .config import QATLoraConfig
 
 # PEFT keeps the wrapped layer of a LoRA layer as its child "base_layer".
 BASE_LAYER_SUFFIX = ".base_layer"
 
 
-def quantized_layers(model: torch.nn.Module) -> dict[str, QATLinear]:
-    """Return every ``QATLinear`` of ``model`` by its layer name, the same before and after LoRA wraps it."""
+def quantized_layers(model: torch.nn.Module) -> dict[str, QATLinear | Packed2BitLinear]:
+    """Return every ``QATLinear`` and ``Packed2BitLinear`` of ``model`` by layer name, the same before and after
+    LoRA wraps it."""
     return {
         name.removesuffix(BASE_LAYER_SUFFIX): module
         for name, module in model.named_modules()
-        if isinstance(module, QATLinear)
+        if isinstance(module, (QATLinear, Packed2BitLinear))
     }
 
 
 def describe_base(model: torch.nn.Module, f_initialized_by_adapter: bool) -> dict[str, Any]:
-    """Return the stage A layout of ``model`` (as in its ``config.json``) plus each weight shape.
+    """Return the stage A layout of ``model`` (as ``qat_layout`` writes it to ``config.json``) plus each weight shape.
 
+    A packed base gives the same layout as the fake-quantized model it was converted from.
     ``f_initialized_by_adapter`` is True when ``get_peft_model`` quantized a float model itself, so a
     loader can rebuild ``f`` from the float weights instead of needing a stage A checkpoint.
     """
-    layout = qat_layout(model)
-    layout["modules"] = {name.removesuffix(BASE_LAYER_SUFFIX): index for name, index in layout["modules"].items()}
-    layout["shapes"] = {name: list(layer.weight.shape) for name, layer in quantized_layers(model).items()}
-    layout["f_initialized_by_adapter"] = f_initialized_by_adapter
-    return layout
+    configs: list[dict[str, Any]] = []
+    modules: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, layer in quantized_layers(model).items():
+        entry = layer.weight_config.to_dict()
+        if entry not in configs:
+            configs.append(entry)
+        modules[name] = configs.index(entry)
+        shapes[name] = [layer.out_features, layer.in_features]
+    return {
+        "format_version": FORMAT_VERSION,
+        "configs": configs,
+        "modules": modules,
+        "shapes": shapes,
+        "f_initialized_by_adapter": f_initialized_by_adapter,
+    }
 
 
 def prepare_base(model: torch.nn.Module, config: QATLoraConfig) -> None:
     """Give ``model`` its frozen 2-bit layers, then record their layout in ``config`` or check them against it.
 
-    A model that already has ``QATLinear`` layers is used as it is, and a float model is quantized. A
-    new adapter quantizes it with ``config``'s quantizer settings. A saved adapter rebuilds it from the
-    stage A checkpoint at ``config.base_model_name_or_path``, or from the recorded settings if the
-    adapter initialised ``f`` itself.
+    A model that already has ``QATLinear`` or ``Packed2BitLinear`` layers is used as it is, and a float
+    model is quantized. A new adapter quantizes it with ``config``'s quantizer settings. A saved adapter
+    rebuilds it from the stage A checkpoint at ``config.base_model_name_or_path``, or from the recorded
+    settings if the adapter initialised ``f`` itself.
     """
     built_here = False
     if not quantized_layers(model):
@@ -116,8 +130,9 @@ def check_base(model: torch.nn.Module, layout: dict[str, Any]) -> None:
                 f"adapter was trained on"
             )
         saved_shape = tuple(layout["shapes"][name])
-        if saved_shape != tuple(layer.weight.shape):
+        shape = (layer.out_features, layer.in_features)
+        if saved_shape != shape:
             raise ValueError(
                 f"the adapter was saved for another base: {name} had weight shape {saved_shape} in training but "
-                f"has {tuple(layer.weight.shape)} in this model; load the base model the adapter was trained on"
+                f"has {shape} in this model; load the base model the adapter was trained on"
             )

@@ -1,4 +1,4 @@
-"""``QATLoraLinear``: PEFT's LoRA ``Linear`` on a frozen ``QATLinear`` base, one more LoRA back-end."""
+"""PEFT LoRA ``Linear`` back-ends for the frozen 2-bit bases: ``QATLinear`` and ``Packed2BitLinear``."""
 
 import warnings
 from typing import Optional
@@ -84,3 +84,38 @@ class QATLoraLinear(LoraLinear):
             return self.get_base_layer()
         self._unmerged_weight = self._unmerged_bias = None
         return self.get_base_layer().to_linear()
+
+
+PACKED_MERGE_ERROR = (
+    "cannot merge LoRA into a Packed2BitLinear: its weight is stored as 2-bit codes, which cannot hold "
+    "fake_quant(W) + B @ A; keep the adapter separate, or load it on the fake-quantized stage A model "
+    "(load_qat_model) and merge there"
+)
+
+
+class PackedLoraLinear(LoraLinear):
+    """LoRA on a ``Packed2BitLinear``: ``Packed2BitLinear(x) + B(A(dropout(x))) * scaling``.
+
+    The forward pass, adapter bookkeeping and delta weight are PEFT's; the base output comes from the
+    packed layer's forward, which dequantizes its weight per call. The base has no float weight, so
+    the adapters take their device and dtype from ``packed`` and ``compute_dtype``, and merging raises.
+    ``unload()`` returns the packed layer.
+    """
+
+    def _get_in_out_features(self, module: torch.nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def _get_base_layer_device_and_dtype(self, base_layer: torch.nn.Module):
+        return base_layer.packed.device, base_layer.compute_dtype
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        if check_adapters_to_merge(self, adapter_names):
+            raise ValueError(PACKED_MERGE_ERROR)
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> torch.nn.Module:
+        """Return the ``Packed2BitLinear`` base on ``unload``; raise on ``merge_and_unload``."""
+        if merge:
+            raise ValueError(PACKED_MERGE_ERROR)
+        return self.get_base_layer()

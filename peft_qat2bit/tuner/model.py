@@ -1,4 +1,4 @@
-"""``QATLoraModel``: PEFT's ``LoraModel`` that puts ``QATLoraLinear`` on the 2-bit ``QATLinear`` layers."""
+"""``QATLoraModel``: PEFT's ``LoraModel`` that puts LoRA on the 2-bit ``QATLinear`` and ``Packed2BitLinear`` layers."""
 
 import torch
 from peft.tuners.lora import LoraModel
@@ -6,19 +6,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 
 from ..linear import QATLinear
+from ..packing import Packed2BitLinear
 from .base import prepare_base, quantized_layers
 from .config import QATLoraConfig
-from .layer import QATLoraLinear
+from .layer import PackedLoraLinear, QATLoraLinear
 
 
 class QATLoraModel(LoraModel):
     """LoRA tuner for quality recovery on a frozen balanced 2-bit model (``peft_type`` ``QAT2BIT_LORA``).
 
-    Before adapters are added, ``prepare_base`` makes sure the model has its ``QATLinear`` layers (it
-    quantizes a float model) and that they match the adapter's recorded ``qat_layout``. Targets are
-    matched as in LoRA; the default is every ``QATLinear``. A ``QATLinear`` target gets a
-    ``QATLoraLinear``, any other target PEFT's usual LoRA layer. PEFT then freezes everything but the
-    LoRA matrices, so the base weights and every ``f`` stay fixed.
+    Before adapters are added, ``prepare_base`` makes sure the model has its 2-bit layers (it quantizes
+    a float model) and that they match the adapter's recorded ``qat_layout``. Targets are matched as in
+    LoRA; the default is every ``QATLinear`` or ``Packed2BitLinear``. A ``QATLinear`` target gets a
+    ``QATLoraLinear``, a ``Packed2BitLinear`` target a ``PackedLoraLinear``, any other target PEFT's
+    usual LoRA layer. PEFT then freezes everything but the LoRA matrices, so the base weights, every
+    ``f`` and the packed codes stay fixed.
     """
 
     prefix: str = "lora_"
@@ -49,4 +51,15 @@ class QATLoraModel(LoraModel):
         if isinstance(base_layer, QATLinear) and kwargs.get("parameter_name") is None:
             kwargs.pop("parameter_name", None)
             return QATLoraLinear(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base_layer, Packed2BitLinear) and kwargs.get("parameter_name") is None:
+            kwargs.pop("parameter_name", None)
+            return PackedLoraLinear(target, adapter_name, config=lora_config, **kwargs)
         return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+
+    def _replace_module(self, parent, child_name, new_module, child):
+        base_layer = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        if not isinstance(base_layer, Packed2BitLinear):
+            return super()._replace_module(parent, child_name, new_module, child)
+        # LoraModel places the adapter by the base layer's weight, which a packed layer lacks. PackedLoraLinear
+        # has already put the adapter on the device of the packed codes.
+        setattr(parent, child_name, new_module)
