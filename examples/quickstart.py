@@ -147,7 +147,7 @@ def main(args: QuickstartArguments) -> dict:
     save_qat_model(model, str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
     # The adapter records this as its base, so AutoPeftModelForCausalLM can rebuild the 2-bit model.
-    model.name_or_path = str(checkpoint)
+    model.name_or_path = str(checkpoint.resolve())
 
     adapter = None
     if args.lora_steps > 0:

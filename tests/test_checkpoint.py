@@ -271,3 +271,21 @@ def test_stats_level_fractions_exact():
 
 def test_stats_plain_model_empty():
     assert quantizer_statistics(tiny_qwen3()) == {}
+
+
+def test_load_adapter_directory_hints(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a PEFT adapter directory"):
+        load_qat_model(str(tmp_path))
+
+
+def test_load_missing_directory_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_qat_model(str(tmp_path / "missing"))
+
+
+def test_loaded_name_is_absolute(tmp_path, monkeypatch):
+    save_qat_model(prepared_model("per_channel", None), tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_qat_model("ckpt")
+    assert loaded.name_or_path == str((tmp_path / "ckpt").resolve())

