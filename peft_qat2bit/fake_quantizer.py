@@ -3,7 +3,7 @@
 from typing import Optional
 
 import torch
-from torchao.quantization.granularity import PerAxis, PerGroup, PerTensor
+from torchao.quantization.granularity import PerAxis, PerTensor
 from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
 from .fake_quantize_config import Balanced2BitFakeQuantizeConfig

@@ -46,6 +46,37 @@ def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     return model.float().eval()
 
 
+def qat_model_with_trained_f(granularity="per_tensor", group_size=None, seed=0, **overrides):
+    """Return a tiny Qwen3 after prepare, with every f moved off its Newton value as training would."""
+    from torchao.quantization import quantize_
+
+    from peft_qat2bit import Balanced2BitFakeQuantizeConfig, QAT2BitConfig
+
+    model = tiny_qwen3(seed=seed, **overrides)
+    quantize_(model, QAT2BitConfig(Balanced2BitFakeQuantizeConfig(granularity, group_size=group_size)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in qat_modules(model).values():
+            f = module.weight_fake_quantizer.f
+            f.mul_(1.0 + 0.1 * torch.rand(f.shape, generator=generator))
+    return model
+
+
+def qat_modules(model):
+    from peft_qat2bit import QATLinear
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, QATLinear)}
+
+
+def randomize_lora_b(model, seed):
+    """Give every LoRA B a non-zero value, so that adapters change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_qwen3()

@@ -4,13 +4,10 @@ import json
 
 import pytest
 import torch
-from torchao.quantization import quantize_
 
-from conftest import tiny_qwen3
+from conftest import qat_model_with_trained_f, qat_modules, tiny_qwen3
 from peft_qat2bit import (
     Balanced2BitFakeQuantizeConfig,
-    QAT2BitConfig,
-    QATLinear,
     load_qat_model,
     quantizer_statistics,
     save_qat_model,
@@ -18,22 +15,6 @@ from peft_qat2bit import (
 from peft_qat2bit.quantizer import LEVELS
 
 GRANULARITIES = [("per_tensor", None), ("per_channel", None), ("per_group", 16)]
-
-
-def prepared_model(granularity="per_tensor", group_size=None, seed=0):
-    """Return a tiny Qwen3 after prepare, with every f moved off its Newton value as training would."""
-    model = tiny_qwen3(seed=seed)
-    quantize_(model, QAT2BitConfig(Balanced2BitFakeQuantizeConfig(granularity, group_size=group_size)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in qat_modules(model).values():
-            f = module.weight_fake_quantizer.f
-            f.mul_(1.0 + 0.1 * torch.rand(f.shape, generator=generator))
-    return model
-
-
-def qat_modules(model):
-    return {name: module for name, module in model.named_modules() if isinstance(module, QATLinear)}
 
 
 def token_ids():
@@ -58,7 +39,7 @@ def edit_config_json(path, edit):
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_roundtrip_logits_exact(tmp_path, granularity, group_size):
-    model = prepared_model(granularity, group_size)
+    model = qat_model_with_trained_f(granularity, group_size)
     expected = logits_of(model)
 
     save_qat_model(model, tmp_path / "ckpt")
@@ -69,7 +50,7 @@ def test_roundtrip_logits_exact(tmp_path, granularity, group_size):
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_roundtrip_state_exact(tmp_path, granularity, group_size):
-    model = prepared_model(granularity, group_size)
+    model = qat_model_with_trained_f(granularity, group_size)
     expected = model.state_dict()
 
     save_qat_model(model, tmp_path / "ckpt")
@@ -83,7 +64,7 @@ def test_roundtrip_state_exact(tmp_path, granularity, group_size):
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_roundtrip_keeps_layout(tmp_path, granularity, group_size):
-    model = prepared_model(granularity, group_size)
+    model = qat_model_with_trained_f(granularity, group_size)
     expected = {name: module.weight_config.to_dict() for name, module in qat_modules(model).items()}
 
     save_qat_model(model, tmp_path / "ckpt")
@@ -93,7 +74,7 @@ def test_roundtrip_keeps_layout(tmp_path, granularity, group_size):
 
 
 def test_loaded_model_train_ready(tmp_path):
-    model = prepared_model("per_channel")
+    model = qat_model_with_trained_f("per_channel")
     save_qat_model(model, tmp_path / "ckpt")
 
     loaded = load_qat_model(tmp_path / "ckpt")
@@ -113,7 +94,7 @@ def test_loaded_model_train_ready(tmp_path):
 
 def test_load_infers_layout_without_key(tmp_path):
     # A Trainer checkpoint written without QATStatsCallback has no qat2bit entry in config.json.
-    model = prepared_model("per_group", 16)
+    model = qat_model_with_trained_f("per_group", 16)
     expected = logits_of(model)
     save_qat_model(model, tmp_path / "ckpt")
     edit_config_json(tmp_path / "ckpt", lambda config: config.pop("qat2bit"))
@@ -126,7 +107,7 @@ def test_load_infers_layout_without_key(tmp_path):
 
 
 def test_load_matching_config_keeps_f(tmp_path):
-    model = prepared_model("per_channel")
+    model = qat_model_with_trained_f("per_channel")
     save_qat_model(model, tmp_path / "ckpt")
     expected = model.model.layers[1].self_attn.o_proj.weight_fake_quantizer.f.detach()
 
@@ -141,7 +122,7 @@ def test_load_matching_config_keeps_f(tmp_path):
 
 
 def test_load_other_layout_rejected(tmp_path):
-    save_qat_model(prepared_model("per_channel"), tmp_path / "ckpt")
+    save_qat_model(qat_model_with_trained_f("per_channel"), tmp_path / "ckpt")
     requested = Balanced2BitFakeQuantizeConfig("per_group", group_size=16)
 
     with pytest.raises(ValueError) as excinfo:
@@ -160,7 +141,7 @@ def test_load_plain_model_rejected(tmp_path):
 
 
 def test_load_format_version_99(tmp_path):
-    save_qat_model(prepared_model(), tmp_path / "ckpt")
+    save_qat_model(qat_model_with_trained_f(), tmp_path / "ckpt")
     edit_config_json(tmp_path / "ckpt", lambda config: config["qat2bit"].update(format_version=99))
 
     with pytest.raises(ValueError, match="format_version=99"):
@@ -178,9 +159,9 @@ def test_save_plain_model_rejected(tmp_path):
 
 
 def test_save_replaces_directory(tmp_path):
-    save_qat_model(prepared_model(seed=0), tmp_path / "ckpt")
+    save_qat_model(qat_model_with_trained_f(seed=0), tmp_path / "ckpt")
     (tmp_path / "ckpt" / "stale.txt").write_text("left from the first save")
-    second = prepared_model(seed=1)
+    second = qat_model_with_trained_f(seed=1)
 
     save_qat_model(second, tmp_path / "ckpt")
     loaded = load_qat_model(tmp_path / "ckpt")
@@ -191,11 +172,11 @@ def test_save_replaces_directory(tmp_path):
 
 
 def test_failed_save_keeps_old(tmp_path, monkeypatch):
-    first = prepared_model(seed=0)
+    first = qat_model_with_trained_f(seed=0)
     save_qat_model(first, tmp_path / "ckpt")
     weights_before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
 
-    second = prepared_model(seed=1)
+    second = qat_model_with_trained_f(seed=1)
 
     def save_one_file_then_fail(save_directory, **kwargs):
         (save_directory / "model.safetensors").write_bytes(b"truncated")
@@ -212,7 +193,7 @@ def test_failed_save_keeps_old(tmp_path, monkeypatch):
 
 
 def test_save_creates_parent(tmp_path):
-    save_qat_model(prepared_model(), tmp_path / "runs" / "stage_a")
+    save_qat_model(qat_model_with_trained_f(), tmp_path / "runs" / "stage_a")
 
     assert (tmp_path / "runs" / "stage_a" / "model.safetensors").is_file()
     assert [path.name for path in (tmp_path / "runs").iterdir()] == ["stage_a"]
@@ -223,7 +204,7 @@ def test_save_creates_parent(tmp_path):
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_stats_levels_sum_one(granularity, group_size):
-    stats = quantizer_statistics(prepared_model(granularity, group_size))
+    stats = quantizer_statistics(qat_model_with_trained_f(granularity, group_size))
     level_total = sum(stats[f"qat/level_{level:+.1f}"] for level in LEVELS)
 
     assert level_total == pytest.approx(1.0, abs=1e-12)
@@ -231,7 +212,7 @@ def test_stats_levels_sum_one(granularity, group_size):
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_stats_clip_fraction_range(granularity, group_size):
-    stats = quantizer_statistics(prepared_model(granularity, group_size))
+    stats = quantizer_statistics(qat_model_with_trained_f(granularity, group_size))
 
     assert 0.0 <= stats["qat/clip_fraction"] <= 1.0
     # Newton clips inside max|W|, so some weights lie beyond c.
@@ -240,7 +221,7 @@ def test_stats_clip_fraction_range(granularity, group_size):
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_stats_mean_f_all_elements(granularity, group_size):
-    model = prepared_model(granularity, group_size)
+    model = qat_model_with_trained_f(granularity, group_size)
     all_f = torch.cat([module.weight_fake_quantizer.f.detach().flatten() for module in qat_modules(model).values()])
 
     stats = quantizer_statistics(model)
@@ -249,7 +230,7 @@ def test_stats_mean_f_all_elements(granularity, group_size):
 
 
 def test_stats_level_fractions_exact():
-    model = prepared_model("per_group", 16)
+    model = qat_model_with_trained_f("per_group", 16)
     counts = torch.zeros(len(LEVELS), dtype=torch.float64)
     total = 0
     for module in qat_modules(model).values():
@@ -285,7 +266,7 @@ def test_load_missing_directory_raises(tmp_path):
 
 
 def test_loaded_name_is_absolute(tmp_path, monkeypatch):
-    save_qat_model(prepared_model("per_channel", None), tmp_path / "ckpt")
+    save_qat_model(qat_model_with_trained_f("per_channel", None), tmp_path / "ckpt")
     monkeypatch.chdir(tmp_path)
     loaded = load_qat_model("ckpt")
     assert loaded.name_or_path == str((tmp_path / "ckpt").resolve())

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_qwen3
+from conftest import qat_model_with_trained_f, qat_modules, randomize_lora_b, tiny_qwen3
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -62,22 +62,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def qat_model(granularity="per_tensor", group_size=None, seed=0, **overrides):
-    """Return a tiny Qwen3 after prepare, with every f moved off its Newton value as training would."""
-    model = tiny_qwen3(seed=seed, **overrides)
-    quantize_(model, QAT2BitConfig(Balanced2BitFakeQuantizeConfig(granularity, group_size=group_size)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in qat_modules(model).values():
-            f = module.weight_fake_quantizer.f
-            f.mul_(1.0 + 0.1 * torch.rand(f.shape, generator=generator))
-    return model
-
-
-def qat_modules(model):
-    return {name: module for name, module in model.named_modules() if isinstance(module, QATLinear)}
-
-
 def packed_modules(model):
     return {name: module for name, module in model.named_modules() if isinstance(module, Packed2BitLinear)}
 
@@ -91,15 +75,6 @@ def logits(model, batch=None):
     model.eval()
     with torch.no_grad():
         return model(input_ids=token_batch() if batch is None else batch).logits
-
-
-def randomize_lora_b(model, seed):
-    """Give every LoRA B a non-zero value, so that adapters change the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
 def safetensors_header(path):
@@ -120,7 +95,7 @@ def rewrite_metadata(path, **changes):
 @pytest.fixture
 def stage_a_dir(tmp_path, tokenizer):
     path = tmp_path / "stage_a"
-    save_qat_model(qat_model(), str(path))
+    save_qat_model(qat_model_with_trained_f(), str(path))
     tokenizer.save_pretrained(str(path))
     return path
 
@@ -128,7 +103,7 @@ def stage_a_dir(tmp_path, tokenizer):
 @pytest.fixture
 def packed_dir(tmp_path):
     path = tmp_path / "packed"
-    export_packed(qat_model(), path)
+    export_packed(qat_model_with_trained_f(), path)
     return path
 
 
@@ -190,7 +165,7 @@ def test_unpack_wrong_length_raises():
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_dequantized_equals_fake_quant(granularity, group_size):
-    model = qat_model(granularity, group_size)
+    model = qat_model_with_trained_f(granularity, group_size)
     for name, layer in qat_modules(model).items():
         packed = Packed2BitLinear.from_qat_linear(layer)
         assert packed.scale.dtype == torch.float32, name
@@ -198,7 +173,7 @@ def test_dequantized_equals_fake_quant(granularity, group_size):
 
 
 def test_bf16_dequantized_equals_fake_quant():
-    model = qat_model("per_channel").to(torch.bfloat16)
+    model = qat_model_with_trained_f("per_channel").to(torch.bfloat16)
     for name, layer in qat_modules(model).items():
         packed = Packed2BitLinear.from_qat_linear(layer)
         weight = packed.dequantized_weight()
@@ -207,7 +182,7 @@ def test_bf16_dequantized_equals_fake_quant():
 
 
 def test_cast_keeps_scale_fp32():
-    layer = Packed2BitLinear.from_qat_linear(qat_modules(qat_model())["model.layers.0.mlp.up_proj"])
+    layer = Packed2BitLinear.from_qat_linear(qat_modules(qat_model_with_trained_f())["model.layers.0.mlp.up_proj"])
     expected = layer.dequantized_weight().to(torch.bfloat16)
 
     layer.to(torch.bfloat16)
@@ -242,7 +217,7 @@ def test_input_and_bias_grads_match_linear(autocast):
 
 
 def test_backward_saves_no_float_weight():
-    layer = Packed2BitLinear.from_qat_linear(qat_modules(qat_model())["model.layers.0.mlp.up_proj"])
+    layer = Packed2BitLinear.from_qat_linear(qat_modules(qat_model_with_trained_f())["model.layers.0.mlp.up_proj"])
     x = torch.randn(2, 3, 64, requires_grad=True)
     saved_numels = []
 
@@ -259,7 +234,7 @@ def test_backward_saves_no_float_weight():
 
 
 def test_convert_logits_equal():
-    model = qat_model("per_group", 16)
+    model = qat_model_with_trained_f("per_group", 16)
     expected = logits(model)
 
     quantize_(model, QAT2BitConfig(step="convert"))
@@ -272,7 +247,7 @@ def test_convert_logits_equal():
 
 
 def test_convert_disabled_quantizer_raises():
-    model = qat_model()
+    model = qat_model_with_trained_f()
     model.model.layers[0].self_attn.q_proj.weight_fake_quantizer.enabled = False
     with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: the fake quantizer is disabled"):
         quantize_(model, QAT2BitConfig(step="convert"))
@@ -283,7 +258,7 @@ def test_convert_disabled_quantizer_raises():
 
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_export_load_bit_exact(tmp_path, granularity, group_size):
-    model = qat_model(granularity, group_size)
+    model = qat_model_with_trained_f(granularity, group_size)
     expected = logits(model)
 
     export_packed(model, tmp_path / "packed")
@@ -301,7 +276,7 @@ def test_export_load_bit_exact(tmp_path, granularity, group_size):
 
 
 def test_export_converted_model(tmp_path):
-    model = qat_model("per_channel")
+    model = qat_model_with_trained_f("per_channel")
     expected = logits(model)
     quantize_(model, QAT2BitConfig(step="convert"))
 
@@ -338,7 +313,7 @@ def test_export_file_contents(packed_dir):
 
 
 def test_loaded_generate_matches(packed_dir):
-    model = qat_model()
+    model = qat_model_with_trained_f()
     batch = token_batch()[:1]
 
     expected = model.generate(input_ids=batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -348,7 +323,7 @@ def test_loaded_generate_matches(packed_dir):
 
 
 def test_bf16_checkpoint_logits_equal(tmp_path):
-    save_qat_model(qat_model("per_channel").to(torch.bfloat16), tmp_path / "stage_a")
+    save_qat_model(qat_model_with_trained_f("per_channel").to(torch.bfloat16), tmp_path / "stage_a")
     # Compared with the loaded checkpoint, not with the cast model: .to(bfloat16) also casts the rotary
     # inv_freq buffer, which is not saved and which from_pretrained and load_packed compute in fp32.
     expected = logits(load_qat_model(str(tmp_path / "stage_a")))
@@ -361,7 +336,7 @@ def test_bf16_checkpoint_logits_equal(tmp_path):
 
 
 def test_float_dtype_bf16_export(tmp_path):
-    model = qat_model()
+    model = qat_model_with_trained_f()
     export_packed(model, tmp_path / "packed", float_dtype=torch.bfloat16)
     loaded = load_packed(tmp_path / "packed")
     up_proj = loaded.model.layers[0].mlp.up_proj
@@ -379,7 +354,7 @@ def test_float_dtype_bf16_export(tmp_path):
                                           "num_hidden_layers": 1})],
 )
 def test_bits_per_weight_bound(tmp_path, granularity, overrides):
-    model = qat_model(granularity, **overrides)
+    model = qat_model_with_trained_f(granularity, **overrides)
     numel = sum(layer.weight.numel() for layer in qat_modules(model).values())
 
     report = export_packed(model, tmp_path / "packed")
@@ -402,7 +377,7 @@ def test_bits_per_weight_bound(tmp_path, granularity, overrides):
 
 
 def test_snapped_loads_without_package(tmp_path):
-    model = qat_model("per_channel")
+    model = qat_model_with_trained_f("per_channel")
     record_layout(model)  # as save_qat_model and QATStatsCallback do
     batch = token_batch()
     torch.save(batch, tmp_path / "batch.pt")
@@ -462,7 +437,7 @@ def test_load_missing_file_raises(tmp_path):
 
 
 def test_failed_export_keeps_old(tmp_path, monkeypatch):
-    first = qat_model(seed=0)
+    first = qat_model_with_trained_f(seed=0)
     export_packed(first, tmp_path / "packed")
     old_bytes = (tmp_path / "packed" / PACKED_FILE).read_bytes()
 
@@ -473,9 +448,9 @@ def test_failed_export_keeps_old(tmp_path, monkeypatch):
 
     monkeypatch.setattr("peft_qat2bit.export.save_file", write_partial_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        export_packed(qat_model(seed=1), tmp_path / "packed")
+        export_packed(qat_model_with_trained_f(seed=1), tmp_path / "packed")
     with pytest.raises(OSError, match="No space left"):
-        export_packed(qat_model(seed=1), tmp_path / "other")
+        export_packed(qat_model_with_trained_f(seed=1), tmp_path / "other")
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["packed"]
     assert (tmp_path / "packed" / PACKED_FILE).read_bytes() == old_bytes
@@ -507,8 +482,8 @@ def test_adapter_on_packed_equals_fake_quant(stage_a_dir, tmp_path):
 @pytest.mark.parametrize(
     ("other_base", "message"),
     [
-        (lambda: qat_model("per_channel"), "saved for another quantizer layout: model.layers.0.self_attn.q_proj"),
-        (lambda: qat_model(intermediate_size=96), r"model.layers.0.mlp.gate_proj had weight shape \(96, 64\)"),
+        (lambda: qat_model_with_trained_f("per_channel"), "saved for another quantizer layout: model.layers.0.self_attn.q_proj"),
+        (lambda: qat_model_with_trained_f(intermediate_size=96), r"model.layers.0.mlp.gate_proj had weight shape \(96, 64\)"),
     ],
 )
 def test_adapter_for_other_base_raises(packed_dir, tmp_path, other_base, message):

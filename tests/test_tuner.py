@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_qwen3
+from conftest import randomize_lora_b, tiny_qwen3
 from datasets import Dataset
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -67,15 +67,6 @@ def logits(model, batch):
     model.eval()
     with torch.no_grad():
         return model(input_ids=batch).logits
-
-
-def randomize_lora_b(model, seed):
-    """Give every LoRA B a non-zero value, so that adapters change the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
 def base_layers(peft_model):
