@@ -31,7 +31,7 @@ ModulePatterns = Union[str, Sequence[str]]
 def name_matches(name: str, patterns: ModulePatterns) -> bool:
     """Match a module name as PEFT's ``target_modules`` does.
 
-    A string is a regular expression that must match the whole name; a list of names matches a
+    A string is a regular expression that must match the whole name. A list of names matches a
     module whose name equals one of them or ends with ``"." + name``.
     """
     if isinstance(patterns, str):
