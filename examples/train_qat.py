@@ -87,8 +87,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     trainer.add_callback(QATStatsCallback(trainer))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
+    # Under FSDP the parameters are sharded: every rank takes part in gathering them, then rank 0 writes.
+    save_kwargs = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)} if trainer.is_fsdp_enabled else {}
     if trainer.is_world_process_zero():
-        save_qat_model(model, training_args.output_dir)
+        save_qat_model(model, training_args.output_dir, **save_kwargs)
         tokenizer.save_pretrained(training_args.output_dir)
         logger.info("saved the %s QAT model to %s", "EMA" if ema and ema.apply_at_end else "final", training_args.output_dir)
     return trainer

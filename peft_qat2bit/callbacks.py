@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from transformers import TrainerCallback
 
@@ -22,6 +23,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Return the whole tensor of an FSDP2 shard (a collective, so every rank must call it), else ``tensor``."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -41,6 +47,8 @@ class EMACallback(TrainerCallback):
     average of ``f`` is kept like any other trainable parameter.
 
     Each Trainer checkpoint gets an ``ema.safetensors`` (written by the main process only, atomically).
+    Under FSDP2 the averages are sharded like their parameters, and every rank takes part in gathering
+    them before the main process writes the file.
     When training resumes from ``checkpoint-N`` of ``output_dir`` the average is read back from
     there; pass ``resume_from`` for a checkpoint stored elsewhere.
 
@@ -78,11 +86,15 @@ class EMACallback(TrainerCallback):
         self._update(self.averages, current, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
+        sharded = any(isinstance(average, DTensor) for average in self.averages)
+        if not state.is_world_process_zero and not sharded:
+            return
+        averages = self.state_dict()
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         checkpoint.mkdir(parents=True, exist_ok=True)
-        self.save(checkpoint / EMA_FILE, step=state.global_step)
+        _atomic_save_file(averages, checkpoint / EMA_FILE, self._metadata(state.global_step))
 
     @torch.no_grad()
     def on_train_end(self, args, state, control, **kwargs):
@@ -90,13 +102,17 @@ class EMACallback(TrainerCallback):
             self.copy_to_model()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Return the averages by parameter name (fp32, on the CPU)."""
-        return {name: average.detach().cpu().contiguous() for name, average in zip(self.names, self.averages)}
+        """Return the whole averages by parameter name (fp32, on the CPU); under FSDP2, call it on every rank."""
+        return {
+            name: _full_tensor(average.detach()).cpu().contiguous() for name, average in zip(self.names, self.averages)
+        }
+
+    def _metadata(self, step: int) -> dict[str, str]:
+        return {"decay": repr(self.decay), "step": str(step)}
 
     def save(self, path: Path, step: int) -> None:
-        """Write the averages to ``path`` as safetensors, atomically."""
-        metadata = {"decay": repr(self.decay), "step": str(step)}
-        _atomic_save_file(self.state_dict(), Path(path), metadata)
+        """Write the averages to ``path`` as safetensors, atomically; under FSDP2, call it on every rank."""
+        _atomic_save_file(self.state_dict(), Path(path), self._metadata(step))
 
     def load(self, path: Path) -> None:
         """Read averages written by ``save``; names and shapes must match the trainable parameters."""
@@ -120,7 +136,10 @@ class EMACallback(TrainerCallback):
                     f"EMA state {path}: {name} has shape {tuple(saved[name].shape)}, "
                     f"the parameter has {tuple(average.shape)}; resume with the same model"
                 )
-            average.copy_(saved[name])
+            value = saved[name].to(average.device)
+            if isinstance(average, DTensor):
+                value = distribute_tensor(value, average.device_mesh, average.placements)
+            average.copy_(value)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

@@ -55,7 +55,9 @@ def save_qat_model(model: torch.nn.Module, save_directory: str, **save_pretraine
     """Save a stage A model with ``save_pretrained`` (safetensors), writing the directory atomically.
 
     The files are written to a temporary directory beside ``save_directory`` and moved into place
-    only when complete, so a failed save leaves any earlier checkpoint under that name intact.
+    only when complete, so a failed save leaves any earlier checkpoint under that name intact. Files of
+    an earlier save are replaced, but its subdirectories (the Trainer's ``checkpoint-N``, logs) are kept,
+    because scripts save the final model into the Trainer's ``output_dir``.
     """
     if not qat_linears(model):
         raise ValueError(
@@ -86,14 +88,19 @@ def _replace_directory(source: Path, target: Path) -> None:
         os.replace(source, target)
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, backup / target.name)
+    previous = backup / target.name
+    os.replace(target, previous)
     try:
         os.replace(source, target)
     except OSError:
-        os.replace(backup / target.name, target)
-        raise
-    finally:
+        os.replace(previous, target)
         shutil.rmtree(backup, ignore_errors=True)
+        raise
+    for entry in previous.iterdir():
+        if entry.is_dir() and not (target / entry.name).exists():
+            os.replace(entry, target / entry.name)
+    # Reached only when every subdirectory moved: a failed move above leaves the backup on disk.
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -171,6 +171,18 @@ def test_save_replaces_directory(tmp_path):
     assert torch.equal(logits_of(loaded), logits_of(second))
 
 
+def test_save_keeps_subdirectories(tmp_path):
+    """Scripts save the final model into the Trainer's output_dir, beside its checkpoint-N directories."""
+    save_qat_model(qat_model_with_trained_f(seed=0), tmp_path / "out")
+    (tmp_path / "out" / "checkpoint-2").mkdir()
+    (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+
+    save_qat_model(qat_model_with_trained_f(seed=1), tmp_path / "out")
+
+    assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text() == "{}"
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
 def test_failed_save_keeps_old(tmp_path, monkeypatch):
     first = qat_model_with_trained_f(seed=0)
     save_qat_model(first, tmp_path / "ckpt")
