@@ -1,8 +1,9 @@
-"""Command line: ``peft-qat2bit export CHECKPOINT OUT [--format packed|snapped] [--float-dtype DTYPE]``.
+"""Command line: ``peft-qat2bit export CHECKPOINT OUT [--format packed|snapped|gguf] [--float-dtype DTYPE]``.
 
 CHECKPOINT is a stage A directory written by ``save_qat_model`` or a ``Trainer``; it is loaded with
 ``load_qat_model``. ``packed`` writes the real 2-bit model and prints its size report. ``snapped``
 writes a float checkpoint with the weights on the 2-bit grid, which plain transformers loads.
+``gguf`` writes one llama.cpp file (OUT is the .gguf path) with the quantized linears as exact Q2_K.
 """
 
 import argparse
@@ -10,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from .export import FLOAT_DTYPES, export_packed, export_snapped
+from .gguf_export import FLOAT_TYPES, export_gguf
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a stage A (QAT) checkpoint. The output directory is written atomically.",
     )
     export.add_argument("checkpoint", help="stage A checkpoint directory (save_qat_model or Trainer output)")
-    export.add_argument("out", help="output directory; an existing one is replaced")
+    export.add_argument("out", help="output directory (a .gguf file for --format gguf); an existing one is replaced")
     export.add_argument(
         "--format",
-        choices=("packed", "snapped"),
+        choices=("packed", "snapped", "gguf"),
         default="packed",
         help="packed: 2-bit codes and fp32 scales, loaded with peft_qat2bit.load_packed (default); "
-        "snapped: float weights on the 2-bit grid, loaded with AutoModelForCausalLM.from_pretrained",
+        "snapped: float weights on the 2-bit grid, loaded with AutoModelForCausalLM.from_pretrained; "
+        "gguf: one llama.cpp file with the quantized linears as exact Q2_K",
     )
     export.add_argument(
         "--float-dtype",
@@ -36,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the float tensors (embeddings, norms, float layers; snapped weights too); "
         "default: as stored in the checkpoint",
     )
+    export.add_argument(
+        "--float-type",
+        choices=FLOAT_TYPES,
+        default="f16",
+        help="gguf only: type of the embeddings and float 2-D tensors (norms stay f32); default f16",
+    )
+    export.add_argument(
+        "--fallback",
+        choices=FLOAT_TYPES,
+        default=None,
+        help="gguf only: write quantized linears that Q2_K cannot store exactly (per-group scales, rows not a "
+        "multiple of 256) in this type; default: reject them",
+    )
     return parser
 
 
@@ -43,9 +59,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     float_dtype = FLOAT_DTYPES[args.float_dtype] if args.float_dtype else None
+    if args.format == "gguf" and args.float_dtype:
+        parser.error("--float-dtype does not apply to --format gguf; use --float-type f32|f16|q8_0")
     try:
         if args.format == "packed":
             print(export_packed(args.checkpoint, args.out, float_dtype=float_dtype))
+        elif args.format == "gguf":
+            print(export_gguf(args.checkpoint, args.out, float_type=args.float_type, fallback=args.fallback))
         else:
             path = export_snapped(args.checkpoint, args.out, float_dtype=float_dtype)
             print(f"snapped float export: {path}; load it with AutoModelForCausalLM.from_pretrained")
