@@ -338,3 +338,27 @@ def test_cli_gguf_rejects_float_dtype(tmp_path, capsys):
 
     assert raised.value.code == 2
     assert "use --float-type" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_export(tmp_path, tokenizer):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    model = packed_fp16_exact(qwen3_qat(tokenizer))
+    path = tmp_path / "tiny.gguf"
+    export_gguf(model, path, tokenizer=tokenizer, float_type="f32")
+    ids = tokenizer("Eat a balanced diet and sleep well.", add_special_tokens=False)["input_ids"]
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[: len(ids)])
+        completion = llm("Eat a", max_tokens=4, temperature=0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+    ours = logits(model, torch.tensor([ids]))[0]
+    # llama.cpp quantizes the activations to 8 bits (Q8_K) for its Q2_K dot products, so the logits
+    # agree closely but not exactly; the next-token choice agrees everywhere.
+    assert (ours - theirs).abs().max() < 0.05
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert isinstance(completion, str)
