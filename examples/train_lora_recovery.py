@@ -20,6 +20,8 @@ from transformers import AutoTokenizer
 from trl import ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from peft_qat2bit import QATLoraConfig, load_qat_model
+from peft_qat2bit.distill import DistillArguments, DistillationSFTTrainer
+from peft_qat2bit.hub import load_model_and_tokenizer
 from train_qat import load_train_dataset  # examples/ is on sys.path when this script runs
 
 logger = logging.getLogger("train_lora_recovery")
@@ -38,7 +40,12 @@ class LoraArguments:
     )
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, lora_args: LoraArguments):
+def main(
+    script_args: ScriptArguments,
+    training_args: SFTConfig,
+    lora_args: LoraArguments,
+    distill_args: Optional[DistillArguments] = None,
+):
     if lora_args.qat_checkpoint is None:
         raise ValueError("--qat_checkpoint is missing; pass the stage A checkpoint directory written by train_qat.py")
     model = load_qat_model(lora_args.qat_checkpoint)
@@ -52,12 +59,19 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, lora_args: Lora
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.lora_target_modules,
     )
-    trainer = SFTTrainer(
+    trainer_class, distill_kwargs = SFTTrainer, {}
+    if distill_args is not None and distill_args.distill:
+        # The default teacher is the stage A checkpoint read as a plain float model: its f tensors are
+        # ignored, so the weights are not quantized.
+        teacher, _ = load_model_and_tokenizer(distill_args.teacher or lora_args.qat_checkpoint)
+        trainer_class, distill_kwargs = DistillationSFTTrainer, distill_args.trainer_kwargs(teacher)
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=load_train_dataset(script_args),
         processing_class=tokenizer,
         peft_config=peft_config,
+        **distill_kwargs,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
@@ -69,5 +83,5 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, lora_args: Lora
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = TrlParser((ScriptArguments, SFTConfig, LoraArguments))
+    parser = TrlParser((ScriptArguments, SFTConfig, LoraArguments, DistillArguments))
     main(*parser.parse_args_and_config())

@@ -6,8 +6,11 @@ Any field of the recipe can be overridden on the command line, for example
 ``--granularity per_group --group_size 64`` or ``--dataset_name data/alpaca.json``. An Alpaca-format
 dataset (instruction, input, output) is converted to chat messages. With ``assistant_only_loss``
 TRL then computes the loss on the assistant turns only, through its training chat templates.
+``--distill`` adds the KL divergence to a frozen float teacher (by default the model before
+quantization), weighted by ``--distill_alpha`` and ``--distill_temperature``.
 """
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,6 +28,7 @@ from peft_qat2bit import (
     save_qat_model,
 )
 from peft_qat2bit.data import alpaca_to_chat
+from peft_qat2bit.distill import DistillArguments, DistillationSFTTrainer
 from peft_qat2bit.hub import load_model_and_tokenizer
 from peft_qat2bit.optim import build_qat_optimizer
 
@@ -62,9 +66,23 @@ def load_train_dataset(script_args: ScriptArguments):
     return dataset
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, qat_args: QATArguments):
+def main(
+    script_args: ScriptArguments,
+    training_args: SFTConfig,
+    model_args: ModelConfig,
+    qat_args: QATArguments,
+    distill_args: Optional[DistillArguments] = None,
+):
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, qat_args.gguf_file, dtype=dtype)
+
+    teacher = None
+    if distill_args is not None and distill_args.distill:
+        # The default teacher is the float model itself, copied before quantize_ swaps its layers.
+        if distill_args.teacher is None:
+            teacher = copy.deepcopy(model)
+        else:
+            teacher, _ = load_model_and_tokenizer(distill_args.teacher, dtype=dtype)
 
     weight_config = Balanced2BitFakeQuantizeConfig(
         qat_args.granularity, group_size=qat_args.group_size, init=qat_args.init
@@ -76,13 +94,17 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     if qat_args.ema_decay is not None:
         ema = EMACallback(decay=qat_args.ema_decay, apply_at_end=qat_args.save_ema_weights)
         callbacks.append(ema)
-    trainer = SFTTrainer(
+    trainer_class, distill_kwargs = SFTTrainer, {}
+    if teacher is not None:
+        trainer_class, distill_kwargs = DistillationSFTTrainer, distill_args.trainer_kwargs(teacher)
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=load_train_dataset(script_args),
         processing_class=tokenizer,
         callbacks=callbacks,
         optimizers=(build_qat_optimizer(model, training_args, qat_args.f_learning_rate), None),
+        **distill_kwargs,
     )
     trainer.add_callback(QATStatsCallback(trainer))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -98,5 +120,5 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, QATArguments))
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, QATArguments, DistillArguments))
     main(*parser.parse_args_and_config())
