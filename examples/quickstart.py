@@ -33,6 +33,7 @@ from peft_qat2bit import (
     save_qat_model,
 )
 from peft_qat2bit.data import alpaca_to_messages, human_eval_text, pydoc_topics_text
+from peft_qat2bit.distill import DistillationSFTTrainer
 from peft_qat2bit.evaluation import perplexity, token_blocks
 from peft_qat2bit.hub import EMBEDDED_MODEL, load_model_and_tokenizer
 from peft_qat2bit.optim import build_qat_optimizer
@@ -65,6 +66,11 @@ class QuickstartArguments:
     eval_tokens: int = field(default=16384, metadata={"help": "Held-out tokens used for perplexity."})
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the checkpoint and results go."})
     smoke: bool = field(default=False, metadata={"help": "2 steps on 2 blocks of 64 tokens and 256 held-out tokens."})
+    distill: bool = field(
+        default=False, metadata={"help": "Train both stages against the float model as a frozen teacher as well."}
+    )
+    distill_alpha: float = field(default=0.5, metadata={"help": "With --distill: weight of the label loss in [0, 1]."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "With --distill: temperature of the KL term."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 autocast (for GPUs; slow on most CPUs)."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
@@ -124,22 +130,30 @@ def main(args: QuickstartArguments) -> dict:
         del rounded
     timings["rounding_eval_s"] = time.perf_counter() - started
 
+    # With --distill the float model, copied before quantization, is the teacher of both stages.
+    trainer_class, distill_kwargs, suffix = SFTTrainer, {}, ""
+    if args.distill:
+        teacher = copy.deepcopy(model)
+        trainer_class, suffix = DistillationSFTTrainer, ", distilled"
+        distill_kwargs = {"teacher": teacher, "alpha": args.distill_alpha, "temperature": args.distill_temperature}
+
     weight_config = Balanced2BitFakeQuantizeConfig(args.granularity, group_size=args.group_size, init="newton")
     quantize_(model, QAT2BitConfig(weight_config=weight_config))
     training_args = training_config(args, "stage_a", args.max_steps, args.learning_rate)
     train_dataset = Dataset.from_dict({"input_ids": train_blocks.tolist()})
-    trainer = SFTTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         optimizers=(build_qat_optimizer(model, training_args, args.f_learning_rate), None),
+        **distill_kwargs,
     )
     trainer.add_callback(QATStatsCallback(trainer))
     started = time.perf_counter()
     trainer.train()
     timings["qat_train_s"] = time.perf_counter() - started
-    name = f"2-bit QAT, {args.max_steps} steps"
+    name = f"2-bit QAT, {args.max_steps} steps{suffix}"
     results[name] = perplexity(model, held_out_blocks)
     logger.info("%s: perplexity %.2f", name, results[name])
 
@@ -153,17 +167,18 @@ def main(args: QuickstartArguments) -> dict:
     if args.lora_steps > 0:
         # Stage B: the QAT model stays frozen on its 2-bit grid; only the LoRA matrices train.
         lora_config = QATLoraConfig(r=args.lora_r, lora_alpha=args.lora_r, lora_dropout=0.05)
-        lora_trainer = SFTTrainer(
+        lora_trainer = trainer_class(
             model=model,
             args=training_config(args, "stage_b", args.lora_steps, args.lora_learning_rate),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=lora_config,
+            **distill_kwargs,
         )
         started = time.perf_counter()
         lora_trainer.train()
         timings["lora_train_s"] = time.perf_counter() - started
-        name = f"2-bit QAT + LoRA recovery (r={args.lora_r}), {args.lora_steps} steps"
+        name = f"2-bit QAT + LoRA recovery (r={args.lora_r}), {args.lora_steps} steps{suffix}"
         results[name] = perplexity(lora_trainer.model, held_out_blocks)
         logger.info("%s: perplexity %.2f", name, results[name])
         adapter = Path(args.output_dir) / "adapter"
