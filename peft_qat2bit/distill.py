@@ -7,9 +7,10 @@ overrides ``compute_loss``, the extension point TRL documents for custom losses:
 
     loss = alpha * label_loss + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 
-where ``label_loss`` is ``SFTTrainer``'s next-token loss (computed here from the full logits, equal to
-TRL's to fp32 round-off) and ``KL`` is averaged over the tokens that carry a label, with the same
-normaliser as the label loss, so ``assistant_only_loss`` and gradient accumulation apply to both alike.
+where ``label_loss`` is ``SFTTrainer``'s next-token loss, computed here from the full logits and
+equal to TRL's to fp32 round-off. ``KL`` is averaged over the tokens that carry a label, with the
+same normaliser as the label loss, so ``assistant_only_loss`` and gradient accumulation apply to
+both alike.
 """
 
 from dataclasses import dataclass, field
