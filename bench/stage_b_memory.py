@@ -4,8 +4,8 @@ The script builds a randomly initialised Qwen3-shaped model, quantizes it (stage
 training) and saves it twice: as a stage A checkpoint (float weights and f) and as a packed export.
 Each case then runs in a fresh subprocess, so that peaks do not mix: load the base, add
 QATLoraConfig adapters and run a few AdamW steps on random tokens. Peak memory is the process's peak
-RSS from resource.getrusage (ru_maxrss, KiB on Linux), with the RSS after the imports reported
-separately, and torch.cuda.max_memory_allocated on a GPU. The ratios printed are from this run only.
+RSS (VmHWM from /proc/self/status on Linux, ru_maxrss elsewhere), with the peak after the imports
+reported separately, and torch.cuda.max_memory_allocated on a GPU. The ratios printed are from this run only.
 
     python bench/stage_b_memory.py                    # hidden 512, 8 layers, vocab 32000, CPU
     python bench/stage_b_memory.py --size qwen3-0.6b --device cuda --dtype bfloat16
@@ -45,6 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def peak_rss_mib() -> float:
+    """Return this process's peak RSS in MiB: VmHWM from /proc on Linux, else ru_maxrss.
+
+    ru_maxrss survives execve on Linux, so a worker started by a large parent would report the
+    parent's RSS at fork time; VmHWM belongs to the worker's own address space.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
