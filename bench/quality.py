@@ -65,6 +65,7 @@ class Row:
     init: str = "newton"
     range_learning: bool = False
     scale_bits: int = 32
+    distill: bool = False  # train both stages against the float model as a frozen teacher (alpha 0.5, T 1)
 
 
 def quality_rows() -> list[Row]:
@@ -91,6 +92,7 @@ def quality_rows() -> list[Row]:
             rows.append(Row(f"torchao int2, {label}, {scales}", "torchao", granularity, group_size,
                             range_learning=range_learning))
     rows.append(Row("ParetoQ SEQ, per channel", "paretoq", "per_channel", scale_bits=16))
+    rows.append(Row("ours, per channel, distilled", "ours", "per_channel", distill=True))
     return rows
 
 
@@ -197,12 +199,17 @@ def parameter_groups(model: nn.Module, learning_rate: float, scale_learning_rate
 
 
 def train(model: nn.Module, blocks: torch.Tensor, steps: int, batch_size: int, groups: list[dict],
-          evaluate: Callable[[nn.Module], float], eval_steps: set[int], step_offset: int = 0) -> list[tuple[int, float]]:
+          evaluate: Callable[[nn.Module], float], eval_steps: set[int], step_offset: int = 0,
+          teacher: nn.Module | None = None, alpha: float = 0.5) -> list[tuple[int, float]]:
     """Run ``steps`` AdamW steps on consecutive batches of ``blocks``; return (step, perplexity) at ``eval_steps``.
 
     AdamW (weight decay 0), cosine schedule with ``max(1, steps // 10)`` warmup steps and gradient
-    norm clipping at 1.0, which are the SFTTrainer settings of examples/quickstart.py.
+    norm clipping at 1.0, which are the SFTTrainer settings of examples/quickstart.py. With a
+    ``teacher`` the loss is ``alpha * label_loss + (1 - alpha) * KL(teacher || model)`` at
+    temperature 1, as ``peft_qat2bit.distill.DistillationSFTTrainer`` computes it.
     """
+    from peft_qat2bit.distill import distillation_kl_sum
+
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -214,7 +221,14 @@ def train(model: nn.Module, blocks: torch.Tensor, steps: int, batch_size: int, g
     for step in range(1, steps + 1):
         rows = torch.arange((step - 1) * batch_size, step * batch_size) % blocks.shape[0]
         batch = blocks[rows].to(device)
-        model(input_ids=batch, labels=batch).loss.backward()
+        outputs = model(input_ids=batch, labels=batch)
+        loss = outputs.loss
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch).logits
+            kl_sum, count = distillation_kl_sum(outputs.logits, teacher_logits, batch)
+            loss = alpha * loss + (1.0 - alpha) * kl_sum / count
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
@@ -248,6 +262,7 @@ def run_row(row: Row, base: nn.Module, data: dict, args: argparse.Namespace) -> 
 
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base)
+    teacher = copy.deepcopy(base).eval().requires_grad_(False) if row.distill else None
     result = {"name": row.name, "method": row.method}
     if row.method in ("float", "rtn"):
         if row.method == "rtn":
@@ -270,7 +285,7 @@ def run_row(row: Row, base: nn.Module, data: dict, args: argparse.Namespace) -> 
     stage_a_evals = {args.steps // 2, args.steps}
     curve = [(0, evaluate(model))]
     started = time.perf_counter()
-    curve += train(model, data["train"], args.steps, args.batch_size, groups, evaluate, stage_a_evals)
+    curve += train(model, data["train"], args.steps, args.batch_size, groups, evaluate, stage_a_evals, teacher=teacher)
     result["stage_a_s"] = time.perf_counter() - started
     result["perplexity"] = curve[-1][1]
     if row.method == "float-finetune" or args.lora_steps == 0:
@@ -281,7 +296,7 @@ def run_row(row: Row, base: nn.Module, data: dict, args: argparse.Namespace) -> 
     lora_groups = [{"params": [param for param in model.parameters() if param.requires_grad], "lr": args.lora_learning_rate}]
     started = time.perf_counter()
     curve += train(model, data["train"], args.lora_steps, args.batch_size, lora_groups, evaluate,
-                   {args.lora_steps}, step_offset=args.steps)
+                   {args.lora_steps}, step_offset=args.steps, teacher=teacher)
     result["lora_s"] = time.perf_counter() - started
     result["lora_perplexity"] = curve[-1][1]
     result["curve"] = curve

@@ -140,6 +140,33 @@ def test_train_curve_and_update():
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
+def test_train_with_teacher_lowers_kl():
+    from peft_qat2bit.distill import distillation_kl_sum
+
+    teacher = untied_model()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)
+    teacher.eval().requires_grad_(False)
+    model = untied_model()
+    quality.apply_ours(model, "per_channel", None)
+    blocks = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def kl(student):
+        with torch.no_grad():
+            kl_sum, count = distillation_kl_sum(student(input_ids=blocks).logits, teacher(input_ids=blocks).logits, blocks)
+        return (kl_sum / count).item()
+
+    before = kl(model)
+    groups = [{"params": [param for param in model.parameters() if param.requires_grad], "lr": 3e-3}]
+    quality.train(model, blocks, 12, 4, groups, lambda trained: 1.0, set(), teacher=teacher, alpha=0.0)
+    assert kl(model) < 0.8 * before
+
+
+def test_distilled_row_exists():
+    rows = {row.name: row for row in quality.quality_rows()}
+    assert rows["ours, per channel, distilled"].distill
+
+
 def test_lora_peer_keeps_fake_quant():
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
