@@ -77,6 +77,31 @@ def randomize_lora_b(model, seed):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
+def tiny_sft_config(output_dir, **overrides):
+    """Return an SFTConfig for a few fp32 CPU steps on the Alpaca test rows, with the given overrides."""
+    from trl import SFTConfig
+
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        assistant_only_loss=True,
+        max_length=64,
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_qwen3()

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import qat_modules, tiny_qwen3
+from conftest import qat_modules, tiny_qwen3, tiny_sft_config
 from datasets import Dataset
 from torchao.quantization import quantize_
 from trl import SFTConfig, SFTTrainer
@@ -23,24 +23,7 @@ def one_thread():
 
 
 def sft_config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        assistant_only_loss=True,
-        max_length=64,
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=0,
-    )
-    settings.update(overrides)
-    return SFTConfig(**settings)
+    return tiny_sft_config(tmp_path, **overrides)
 
 
 def chat_dataset(rows):

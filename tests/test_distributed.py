@@ -21,13 +21,13 @@ from pathlib import Path
 import distributed_worker
 import pytest
 import torch
-from conftest import randomize_lora_b, tiny_qwen3
+from conftest import randomize_lora_b, tiny_qwen3, tiny_sft_config
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torchao.quantization import quantize_
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from peft_qat2bit import (
     EMACallback,
@@ -400,27 +400,10 @@ class StepCounter(TrainerCallback):
 def make_lora_trainer(tokenizer, rows, output_dir, callbacks=(), **config_overrides):
     model = tiny_qwen3(vocab_size=len(tokenizer))
     quantize_(model, QAT2BitConfig())
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        assistant_only_loss=True,
-        max_length=64,
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    settings.update(config_overrides)
+    args = tiny_sft_config(output_dir, **{"learning_rate": 1e-2, **config_overrides})
     return SFTTrainer(
         model=model,
-        args=SFTConfig(**settings),
+        args=args,
         train_dataset=alpaca_to_chat(Dataset.from_list(rows)),
         processing_class=tokenizer,
         callbacks=list(callbacks),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_qwen3
+from conftest import tiny_qwen3, tiny_sft_config
 from datasets import Dataset
 from torchao.quantization import quantize_
 from transformers import TrainerCallback
@@ -38,25 +38,7 @@ class ParameterRecorder(TrainerCallback):
 def make_trainer(tokenizer, rows, output_dir, callbacks=(), seed=0, **config_overrides):
     model = tiny_qwen3(seed=seed, vocab_size=len(tokenizer))
     quantize_(model, QAT2BitConfig())
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        assistant_only_loss=True,
-        max_length=64,
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
-    )
-    settings.update(config_overrides)
-    args = SFTConfig(**settings)
+    args = tiny_sft_config(output_dir, seed=seed, data_seed=seed, **config_overrides)
     trainer = SFTTrainer(
         model=model,
         args=args,

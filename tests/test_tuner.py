@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_lora_b, tiny_qwen3
+from conftest import randomize_lora_b, tiny_qwen3, tiny_sft_config
 from datasets import Dataset
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -162,21 +162,7 @@ def test_sft_trains_lora_only(tokenizer, alpaca_rows, tmp_path):
     model = qat_model(vocab_size=len(tokenizer))
     base_snapshot = [(name, param, param.detach().clone()) for name, param in model.named_parameters()]
     data = alpaca_to_chat(Dataset.from_list(alpaca_rows))
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        assistant_only_loss=True,
-        max_length=64,
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = tiny_sft_config(tmp_path, max_steps=4, learning_rate=1e-2)
     trainer = SFTTrainer(
         model=model,
         args=args,
