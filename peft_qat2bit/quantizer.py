@@ -40,17 +40,19 @@ class _BalancedFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         scale32 = scale.float()
-        codes = balanced_codes(weight, scale32)
+        # One fp32 buffer is rounded, clamped and rescaled in place: w / s -> q -> s * (q - 0.5).
+        values = weight.float() / scale32
+        values.add_(ZERO_POINT).round_().clamp_(QMIN, QMAX).sub_(ZERO_POINT).mul_(scale32)
         ctx.save_for_backward(weight, scale)
-        return (scale32 * (codes - ZERO_POINT)).to(weight.dtype)
+        return values.to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight, scale = ctx.saved_tensors
         scale32 = scale.float()
         ratio = weight.float() / scale32
-        unclamped = torch.round(ratio + ZERO_POINT)
-        in_range = (unclamped >= QMIN) & (unclamped <= QMAX)
+        level = torch.round(ratio + ZERO_POINT)  # the unclamped code, turned into q - 0.5 below
+        in_range = (level >= QMIN) & (level <= QMAX)
         grad32 = grad_output.float()
 
         grad_weight = None
@@ -59,9 +61,10 @@ class _BalancedFakeQuantize(torch.autograd.Function):
 
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            level = unclamped.clamp(QMIN, QMAX) - ZERO_POINT
-            local_grad = torch.where(in_range, level - ratio, level)
-            grad_scale = (grad32 * local_grad).sum(dim=-1, keepdim=True)
+            # (q - 0.5) - w / s inside the range and q - 0.5 where clamped, computed in place.
+            level.clamp_(QMIN, QMAX).sub_(ZERO_POINT)
+            level.sub_(ratio.mul_(in_range))
+            grad_scale = level.mul_(grad32).sum(dim=-1, keepdim=True)
             # The scale may broadcast over more than the last axis, as a per-tensor scale does.
             grad_scale = grad_scale.sum_to_size(scale.shape).to(scale.dtype)
         return grad_weight, grad_scale
