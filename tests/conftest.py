@@ -68,6 +68,17 @@ def qat_modules(model):
     return {name: module for name, module in model.named_modules() if isinstance(module, QATLinear)}
 
 
+def token_ids():
+    """Return a fixed (2, 16) batch of token ids below 512, the default tiny vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 512, (2, 16), generator=generator)
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(token_ids()).logits
+
+
 def randomize_lora_b(model, seed):
     """Give every LoRA B a non-zero value, so that adapters change the output."""
     generator = torch.Generator().manual_seed(seed)

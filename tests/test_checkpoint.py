@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import qat_model_with_trained_f, qat_modules, tiny_qwen3
+from conftest import logits_of, qat_model_with_trained_f, qat_modules, tiny_qwen3, token_ids
 from peft_qat2bit import (
     Balanced2BitFakeQuantizeConfig,
     load_qat_model,
@@ -15,16 +15,6 @@ from peft_qat2bit import (
 from peft_qat2bit.quantizer import LEVELS
 
 GRANULARITIES = [("per_tensor", None), ("per_channel", None), ("per_group", 16)]
-
-
-def token_ids():
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 512, (2, 16), generator=generator)
-
-
-def logits_of(model):
-    with torch.no_grad():
-        return model(token_ids()).logits
 
 
 def edit_config_json(path, edit):

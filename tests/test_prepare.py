@@ -3,7 +3,7 @@
 import torch
 from torchao.quantization import quantize_
 
-from conftest import tiny_qwen3
+from conftest import logits_of, tiny_qwen3
 from peft_qat2bit import QAT2BitConfig, QATLinear, module_filter
 
 PROJECTIONS = [
@@ -21,16 +21,6 @@ DECODER_LINEARS = {f"model.layers.{i}.{projection}" for i in range(NUM_LAYERS) f
 
 def qat_names(model):
     return {name for name, module in model.named_modules() if isinstance(module, QATLinear)}
-
-
-def token_ids():
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 512, (2, 16), generator=generator)
-
-
-def logits_of(model):
-    with torch.no_grad():
-        return model(token_ids()).logits
 
 
 def test_prepare_swaps_decoder_linears(tiny_model):
