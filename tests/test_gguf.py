@@ -357,8 +357,8 @@ def test_llama_cpp_reads_export(tmp_path, tokenizer):
         llm.close()
 
     ours = logits(model, torch.tensor([ids]))[0]
-    # llama.cpp quantizes the activations to 8 bits (Q8_K) for its Q2_K dot products, so the logits
-    # agree closely but not exactly; the next-token choice agrees everywhere.
+    # llama.cpp quantizes the activations to 8 bits (Q8_K) for its Q2_K dot products. The logits
+    # therefore agree closely but not exactly, while the next-token choice agrees everywhere.
     assert (ours - theirs).abs().max() < 0.05
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert isinstance(completion, str)
