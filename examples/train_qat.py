@@ -40,6 +40,10 @@ class QATArguments:
     granularity: str = field(default="per_tensor", metadata={"help": "per_tensor, per_channel or per_group."})
     group_size: Optional[int] = field(default=None, metadata={"help": "Input columns per group for per_group."})
     init: str = field(default="newton", metadata={"help": "Initial f: newton (MSE-optimal clip) or absmax (f = 1)."})
+    compile_quantizer: bool = field(
+        default=False,
+        metadata={"help": "Run the fake quantizer as torch.compile kernels: faster steps after a few seconds of compiling."},
+    )
     exclude_modules: list[str] = field(
         default_factory=lambda: ["lm_head"], metadata={"help": "Linear layers kept in float, by name or suffix."}
     )
@@ -85,7 +89,7 @@ def main(
             teacher, _ = load_model_and_tokenizer(distill_args.teacher, dtype=dtype)
 
     weight_config = Balanced2BitFakeQuantizeConfig(
-        qat_args.granularity, group_size=qat_args.group_size, init=qat_args.init
+        qat_args.granularity, group_size=qat_args.group_size, init=qat_args.init, compile=qat_args.compile_quantizer
     )
     quantize_(model, QAT2BitConfig(weight_config=weight_config, exclude_modules=qat_args.exclude_modules))
 

@@ -48,12 +48,18 @@ class Balanced2BitFakeQuantizeConfig(FakeQuantizeConfigBase):
             Newton recursion; "absmax" sets ``f = 1``, that is the plain absmax scale.
         learnable_scale: whether ``f`` is an ``nn.Parameter`` that trains (True) or a frozen one.
         newton_iterations: the maximum number of Newton steps at initialisation.
+        compile: run the quantizer's forward and backward as ``torch.compile`` kernels (Inductor,
+            dynamic shapes) instead of eager elementwise ops. Outputs and weight gradients are the
+            same, and the gradient of ``f`` may differ in its last bits because its sum runs in
+            another order. The first steps compile, a few seconds per weight shape, and later steps
+            are faster. Inductor needs Triton on a GPU and a C++ compiler on a CPU.
 
     Example::
 
         Balanced2BitFakeQuantizeConfig()                                  # per tensor, Newton init
         Balanced2BitFakeQuantizeConfig("per_group", group_size=64)
         Balanced2BitFakeQuantizeConfig("per_channel", init="absmax", learnable_scale=False)
+        Balanced2BitFakeQuantizeConfig(compile=True)                      # fused kernels for training
     """
 
     granularity: Union[str, Granularity] = "per_tensor"
@@ -61,6 +67,7 @@ class Balanced2BitFakeQuantizeConfig(FakeQuantizeConfigBase):
     init: str = "newton"
     learnable_scale: bool = True
     newton_iterations: int = 50
+    compile: bool = False
 
     def __post_init__(self):
         if isinstance(self.granularity, str):
@@ -90,6 +97,8 @@ class Balanced2BitFakeQuantizeConfig(FakeQuantizeConfigBase):
 
         if self.init not in INIT_METHODS:
             raise ValueError(f"Unknown init {self.init!r}; use one of {', '.join(INIT_METHODS)}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.newton_iterations < 1:
             raise ValueError(f"newton_iterations must be at least 1, got {self.newton_iterations}")
 
@@ -101,11 +110,12 @@ class Balanced2BitFakeQuantizeConfig(FakeQuantizeConfigBase):
             "init": self.init,
             "learnable_scale": self.learnable_scale,
             "newton_iterations": self.newton_iterations,
+            "compile": self.compile,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Balanced2BitFakeQuantizeConfig":
-        """Build a config from the output of ``to_dict``."""
+        """Build a config from the output of ``to_dict``; files written before ``compile`` existed load too."""
         return cls(**data)
 
     def same_layout(self, other: "Balanced2BitFakeQuantizeConfig") -> bool:

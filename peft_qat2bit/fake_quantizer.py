@@ -1,5 +1,7 @@
 """``Balanced2BitFakeQuantizer``: the torchao fake quantizer module that owns the learnable factor ``f``."""
 
+import functools
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -24,6 +26,37 @@ def scale_shape(config: Balanced2BitFakeQuantizeConfig, weight_shape: torch.Size
             f"pick a group_size that divides {in_features} or leave this layer out of quantization"
         )
     return (out_features, in_features // granularity.group_size)
+
+
+def group_scale(grouped: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Return ``s = f * max(|W|) / 2`` (rows, groups, 1) fp32 for a weight viewed as (rows, groups, group_len).
+
+    ``max(|W|)`` is detached and ``s`` is at least ``TINY_SCALE``.
+    """
+    absmax = grouped.detach().float().abs().amax(dim=-1).clamp_min(TINY_SCALE)
+    # Clamping s, not only max|W|, keeps an all-zero group's s a normal float. TINY_SCALE / 2 is
+    # subnormal, and torch.set_flush_denormal(True) would flush it to 0 and turn 0 / s into NaN.
+    return (f.float() * absmax / 2).clamp_min(TINY_SCALE).unsqueeze(-1)
+
+
+def fake_quantize_weight(weight: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize a 2-D ``weight`` with the clip factors ``f`` (rows, groups).
+
+    Gradients reach ``weight`` by the straight-through estimate and ``f`` by the LSQ formula of
+    ``fake_quantize_balanced``.
+    """
+    grouped = weight.reshape(*f.shape, -1)
+    return fake_quantize_balanced(grouped, group_scale(grouped, f)).reshape(weight.shape)
+
+
+@functools.cache
+def compiled_fake_quantize_weight() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Return ``fake_quantize_weight`` compiled by ``torch.compile`` (built on first use, then shared).
+
+    Shapes are dynamic, so the layers of a model share a few kernels instead of compiling one per
+    weight shape.
+    """
+    return torch.compile(fake_quantize_weight, dynamic=True)
 
 
 class Balanced2BitFakeQuantizer(FakeQuantizerBase):
@@ -64,23 +97,18 @@ class Balanced2BitFakeQuantizer(FakeQuantizerBase):
         rows, groups = self.f.shape
         return weight.reshape(rows, groups, -1)
 
-    def absmax(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return max(|W|) per group, (rows, groups) fp32, detached and at least ``TINY_SCALE``."""
-        return self.group_view(weight.detach()).float().abs().amax(dim=-1).clamp_min(TINY_SCALE)
-
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
         """Return the step ``s = f * max(|W|) / 2`` as (rows, groups, 1) fp32, at least ``TINY_SCALE``."""
-        # Clamping s, not only max|W|, keeps an all-zero group's s a normal float. TINY_SCALE / 2 is
-        # subnormal, and torch.set_flush_denormal(True) would flush it to 0 and turn 0 / s into NaN.
-        return (self.f.float() * self.absmax(weight) / 2).clamp_min(TINY_SCALE).unsqueeze(-1)
+        return group_scale(self.group_view(weight), self.f)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
         if self.training and torch.is_grad_enabled():
             self.check_scale()
-        grouped = self.group_view(weight)
-        return fake_quantize_balanced(grouped, self.scale(weight)).reshape(weight.shape)
+        if self.config.compile:
+            return compiled_fake_quantize_weight()(weight, self.f)
+        return fake_quantize_weight(weight, self.f)
 
     def check_scale(self) -> None:
         """Raise ValueError if any ``f`` is zero, negative, NaN or Inf."""

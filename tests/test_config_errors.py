@@ -86,6 +86,19 @@ def test_unknown_init_named():
         Balanced2BitFakeQuantizeConfig(init="kmeans")
 
 
+def test_compile_not_bool():
+    with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
+        Balanced2BitFakeQuantizeConfig(compile="yes")
+
+
+def test_config_without_compile_key_loads():
+    # Checkpoints written before the compile field existed have no "compile" entry.
+    saved = Balanced2BitFakeQuantizeConfig("per_channel").to_dict()
+    del saved["compile"]
+    assert Balanced2BitFakeQuantizeConfig.from_dict(saved).compile is False
+    assert Balanced2BitFakeQuantizeConfig.from_dict({**saved, "compile": True}).compile is True
+
+
 def test_newton_iterations_zero():
     with pytest.raises(ValueError, match="newton_iterations must be at least 1, got 0"):
         Balanced2BitFakeQuantizeConfig(newton_iterations=0)

@@ -160,9 +160,10 @@ def test_lsq_scale_grad_hand_values(scale_shape, expected):
     assert torch.equal(scale.grad, torch.tensor(expected))
 
 
-def test_quantizer_grads_hand_values():
+@pytest.mark.parametrize("compile", [False, True])
+def test_quantizer_grads_hand_values(compile):
     weight = torch.tensor(HAND_WEIGHT, requires_grad=True)
-    quantizer = Balanced2BitFakeQuantizer(Balanced2BitFakeQuantizeConfig("per_tensor"), weight.shape)
+    quantizer = Balanced2BitFakeQuantizer(Balanced2BitFakeQuantizeConfig("per_tensor", compile=compile), weight.shape)
     with torch.no_grad():
         quantizer.f.fill_(0.5)
 
@@ -193,6 +194,28 @@ def test_f_grad_chain_rule(granularity, group_size):
 
     assert torch.allclose(quantizer.f.grad, expected, rtol=1e-6, atol=0.0)
 
+
+
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_compiled_matches_eager(granularity, group_size):
+    torch.manual_seed(5)
+    weight = torch.randn(24, 64)
+    upstream = torch.randn(24, 64)
+    results = []
+    for compile in (False, True):
+        config = Balanced2BitFakeQuantizeConfig(granularity, group_size=group_size, compile=compile)
+        quantizer = Balanced2BitFakeQuantizer(config, weight.shape)
+        quantizer.initialize_(weight)
+        leaf = weight.clone().requires_grad_()
+        output = quantizer(leaf)
+        (output * upstream).sum().backward()
+        results.append((output.detach(), leaf.grad, quantizer.f.grad))
+
+    (eager_output, eager_weight_grad, eager_f_grad), (output, weight_grad, f_grad) = results
+    assert torch.equal(output, eager_output)
+    assert torch.equal(weight_grad, eager_weight_grad)
+    # The f gradient is a sum, which the compiled kernel may add up in another order.
+    assert torch.allclose(f_grad, eager_f_grad, rtol=1e-5, atol=1e-6)
 
 def test_weight_grad_ignores_absmax():
     # max|W| is detached, so the largest weight gets the STE gradient only and nothing through the scale.
