@@ -1,9 +1,11 @@
-"""Command line: ``peft-qat2bit export CHECKPOINT OUT [--format packed|snapped|gguf] [--float-dtype DTYPE]``.
+"""Command line: ``peft-qat2bit export CHECKPOINT OUT [--format packed|snapped|gguf] [--float-dtype DTYPE]``
+and ``peft-qat2bit export-lora ADAPTER OUT.gguf [--base CHECKPOINT]``.
 
 CHECKPOINT is a stage A directory written by ``save_qat_model`` or a ``Trainer``; it is loaded with
 ``load_qat_model``. ``packed`` writes the real 2-bit model and prints its size report. ``snapped``
 writes a float checkpoint with the weights on the 2-bit grid, which plain transformers loads.
 ``gguf`` writes one llama.cpp file (OUT is the .gguf path) with the quantized linears as exact Q2_K.
+``export-lora`` writes a stage B adapter as a llama.cpp GGUF LoRA file for that base.
 """
 
 import argparse
@@ -12,6 +14,7 @@ from typing import Optional, Sequence
 
 from .export import FLOAT_DTYPES, export_packed, export_snapped
 from .gguf_export import FLOAT_TYPES, export_gguf
+from .gguf_lora import ADAPTER_TENSOR_TYPES, export_gguf_lora
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="gguf only: write quantized linears that Q2_K cannot store exactly (per-group scales, rows not a "
         "multiple of 256) in this type; default: reject them",
     )
+    lora = commands.add_parser(
+        "export-lora",
+        help="export a stage B adapter as a llama.cpp GGUF LoRA file",
+        description="Write a LoRA adapter directory (save_pretrained output) as a GGUF LoRA file for the base "
+        "that `export --format gguf` writes from the same stage A checkpoint. The file is written atomically.",
+    )
+    lora.add_argument("adapter", help="adapter directory written by save_pretrained")
+    lora.add_argument("out", help="the .gguf file; an existing one is replaced")
+    lora.add_argument(
+        "--base",
+        default=None,
+        help="stage A checkpoint the adapter was trained on; default: the adapter's base_model_name_or_path",
+    )
+    lora.add_argument(
+        "--tensor-type", choices=ADAPTER_TENSOR_TYPES, default="f32", help="type of the adapter tensors; default f32"
+    )
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "export-lora":
+        try:
+            print(export_gguf_lora(args.adapter, args.out, base_checkpoint=args.base, tensor_type=args.tensor_type))
+        except (FileNotFoundError, ValueError) as error:
+            parser.exit(1, f"peft-qat2bit export-lora: error: {error}\n")
+        return 0
     float_dtype = FLOAT_DTYPES[args.float_dtype] if args.float_dtype else None
     if args.format == "gguf" and args.float_dtype:
         parser.error("--float-dtype does not apply to --format gguf; use --float-type f32|f16|q8_0")

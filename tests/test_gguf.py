@@ -4,7 +4,7 @@ the fallback, atomic writing and the CLI, on tiny Qwen3 and Llama models whose r
 import numpy as np
 import pytest
 import torch
-from conftest import build_tokenizer, qat_model_with_trained_f
+from conftest import build_tokenizer, qat_model_with_trained_f, randomize_lora_b, tiny_qwen3
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torchao.quantization import quantize_
@@ -15,14 +15,18 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from peft import LoraConfig, get_peft_model
+
 from peft_qat2bit import (
     Balanced2BitFakeQuantizeConfig,
     Packed2BitLinear,
     QAT2BitConfig,
+    QATLoraConfig,
     save_qat_model,
 )
 from peft_qat2bit.cli import main as cli_main
 from peft_qat2bit.gguf_export import export_gguf, q2k_blocks
+from peft_qat2bit.gguf_lora import export_gguf_lora
 
 # Rows of 256 and 512 weights fit whole Q2_K blocks. transformers 5.25 does not read the qwen3 head_dim
 # from a GGUF file, so it takes Qwen3Config's default of 128, which the model must use too.
@@ -362,3 +366,192 @@ def test_llama_cpp_reads_export(tmp_path, tokenizer):
     assert (ours - theirs).abs().max() < 0.05
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert isinstance(completion, str)
+
+
+# GGUF LoRA adapters
+
+
+def with_adapter(model, seed=1, **config):
+    settings = dict(r=8, lora_alpha=16, lora_dropout=0.0)
+    peft_model = get_peft_model(model, QATLoraConfig(**{**settings, **config}))
+    randomize_lora_b(peft_model, seed)
+    return peft_model.eval()
+
+
+def lora_module(peft_model, name):
+    return peft_model.get_submodule(f"base_model.model.{name}")
+
+
+def test_lora_metadata(tmp_path, tokenizer):
+    path = tmp_path / "adapter.gguf"
+    report = export_gguf_lora(with_adapter(qwen3_qat(tokenizer)), path)
+
+    reader = GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.type"] == "adapter"
+    assert fields["general.architecture"] == "qwen3"
+    assert fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 0.0
+    assert len(reader.tensors) == 2 * Q2K_LAYERS
+    assert report.layers == Q2K_LAYERS
+    assert report.ranks == (8,)
+    assert report.file_bytes == path.stat().st_size
+
+
+def test_lora_tensors_carry_scaling(tmp_path, tokenizer):
+    peft_model = with_adapter(qwen3_qat(tokenizer))
+    path = tmp_path / "adapter.gguf"
+    export_gguf_lora(peft_model, path)
+
+    tensors = gguf_tensors(path)
+    module = lora_module(peft_model, "model.layers.1.self_attn.q_proj")
+    lora_a = tensors["blk.1.attn_q.weight.lora_a"]
+    lora_b = tensors["blk.1.attn_q.weight.lora_b"]
+    # ggml lists shapes innermost first: lora_a is [in, r] and lora_b is [r, out].
+    assert lora_a.shape.tolist() == [256, 8]
+    assert lora_b.shape.tolist() == [8, 256]
+    assert np.array_equal(np.asarray(lora_a.data), module.lora_A["default"].weight.detach().numpy())
+    # lora_alpha / r = 16 / 8 = 2 is a power of two, so the scaled B is exact.
+    assert np.array_equal(np.asarray(lora_b.data), 2.0 * module.lora_B["default"].weight.detach().numpy())
+
+
+def test_lora_rslora_rank_pattern(tmp_path, tokenizer):
+    peft_model = with_adapter(qwen3_qat(tokenizer), use_rslora=True, rank_pattern={"q_proj": 4})
+    path = tmp_path / "adapter.gguf"
+    report = export_gguf_lora(peft_model, path)
+
+    tensors = gguf_tensors(path)
+    for name, gguf_name, scaling in (
+        ("model.layers.0.self_attn.q_proj", "blk.0.attn_q", 16 / 4**0.5),
+        ("model.layers.0.self_attn.k_proj", "blk.0.attn_k", 16 / 8**0.5),
+    ):
+        expected = scaling * lora_module(peft_model, name).lora_B["default"].weight.detach()
+        assert torch.allclose(torch.from_numpy(np.array(tensors[f"{gguf_name}.weight.lora_b"].data)), expected), name
+    assert report.ranks == (4, 8)
+
+
+def test_lora_llama_b_rows_permuted(tmp_path, tokenizer):
+    peft_model = with_adapter(llama_qat(tokenizer))
+    path = tmp_path / "adapter.gguf"
+    export_gguf_lora(peft_model, path)
+
+    tensors = gguf_tensors(path)
+    module = lora_module(peft_model, "model.layers.0.self_attn.q_proj")
+    lora_b = 2.0 * module.lora_B["default"].weight.detach()
+    # 4 heads of 64 rows: llama.cpp's converter interleaves the two 32-row halves of each head.
+    order = torch.arange(256).reshape(4, 2, 32).transpose(1, 2).reshape(-1)
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_q.weight.lora_b"].data), lora_b[order].numpy())
+    assert np.array_equal(
+        np.asarray(tensors["blk.0.attn_q.weight.lora_a"].data), module.lora_A["default"].weight.detach().numpy()
+    )
+    v_proj = lora_module(peft_model, "model.layers.0.self_attn.v_proj")
+    assert np.array_equal(
+        np.asarray(tensors["blk.0.attn_v.weight.lora_b"].data), 2.0 * v_proj.lora_B["default"].weight.detach().numpy()
+    )
+
+
+def test_lora_f16_tensors(tmp_path, tokenizer):
+    path = tmp_path / "adapter.gguf"
+    export_gguf_lora(with_adapter(qwen3_qat(tokenizer)), path, tensor_type="f16")
+    assert gguf_tensors(path)["blk.0.ffn_up.weight.lora_b"].tensor_type == GGMLQuantizationType.F16
+
+
+def test_lora_from_adapter_directory(tmp_path, tokenizer):
+    model = qwen3_qat(tokenizer)
+    checkpoint = tmp_path / "stage_a"
+    save_qat_model(model, str(checkpoint))
+    peft_model = with_adapter(model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    export_gguf_lora(peft_model, tmp_path / "from_model.gguf")
+
+    export_gguf_lora(tmp_path / "adapter", tmp_path / "from_directory.gguf", base_checkpoint=checkpoint)
+
+    from_model = gguf_tensors(tmp_path / "from_model.gguf")
+    from_directory = gguf_tensors(tmp_path / "from_directory.gguf")
+    assert from_model.keys() == from_directory.keys()
+    for name in from_model:
+        assert np.array_equal(np.asarray(from_model[name].data), np.asarray(from_directory[name].data)), name
+
+
+def test_lora_missing_base_rejected(tmp_path, tokenizer):
+    peft_model = with_adapter(qwen3_qat(tokenizer))
+    peft_model.peft_config["default"].base_model_name_or_path = str(tmp_path / "gone")
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    with pytest.raises(ValueError, match="pass the stage A checkpoint"):
+        export_gguf_lora(tmp_path / "adapter", tmp_path / "adapter.gguf")
+    assert not (tmp_path / "adapter.gguf").exists()
+
+
+def test_lora_dora_rejected(tmp_path):
+    model = get_peft_model(tiny_qwen3(hidden_size=256, head_dim=128), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="DoRA adapters cannot be written"):
+        export_gguf_lora(model, tmp_path / "adapter.gguf")
+
+
+def test_lora_modules_to_save_rejected(tmp_path):
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = get_peft_model(tiny_qwen3(hidden_size=256, head_dim=128, tie_word_embeddings=False), config)
+    with pytest.raises(ValueError, match="also trains whole modules"):
+        export_gguf_lora(model, tmp_path / "adapter.gguf")
+
+
+def test_lora_embedding_rejected(tmp_path):
+    model = get_peft_model(tiny_qwen3(hidden_size=256, head_dim=128), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="LoRA on an embedding"):
+        export_gguf_lora(model, tmp_path / "adapter.gguf")
+
+
+def test_lora_rejects_invalid_tensor_type(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="tensor_type='q8_0' is invalid"):
+        export_gguf_lora(with_adapter(qwen3_qat(tokenizer)), tmp_path / "adapter.gguf", tensor_type="q8_0")
+
+
+def test_cli_export_lora(tmp_path, tokenizer, capsys):
+    model = qwen3_qat(tokenizer)
+    checkpoint = tmp_path / "stage_a"
+    save_qat_model(model, str(checkpoint))
+    peft_model = with_adapter(model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    code = cli_main(["export-lora", str(tmp_path / "adapter"), str(tmp_path / "adapter.gguf"), "--base", str(checkpoint)])
+
+    assert code == 0
+    assert "adapted linears: 14, rank 8" in capsys.readouterr().out
+    assert "blk.0.attn_q.weight.lora_a" in gguf_tensors(tmp_path / "adapter.gguf")
+
+
+def test_cli_export_lora_rejects_missing_adapter(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli_main(["export-lora", str(tmp_path / "nothing"), str(tmp_path / "adapter.gguf")])
+
+    assert raised.value.code == 1
+    assert "adapter_config.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_llama_cpp_applies_lora(tmp_path, tokenizer, architecture):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    base = packed_fp16_exact(qwen3_qat(tokenizer) if architecture == "qwen3" else llama_qat(tokenizer))
+    export_gguf(base, tmp_path / "base.gguf", tokenizer=tokenizer, float_type="f32")
+    ids = tokenizer("Eat a balanced diet and sleep well.", add_special_tokens=False)["input_ids"]
+    base_logits = logits(base, torch.tensor([ids]))[0]
+    peft_model = with_adapter(base)
+    export_gguf_lora(peft_model, tmp_path / "adapter.gguf")
+
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter.gguf"),
+        logits_all=True, n_ctx=64, n_threads=1, verbose=False,
+    )
+    try:
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+    ours = logits(peft_model, torch.tensor([ids]))[0]
+    # The adapter moves the logits far more than llama.cpp's 8-bit activation rounding does.
+    assert (ours - base_logits).abs().max() > 0.2
+    assert (ours - theirs).abs().max() < 0.05
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
