@@ -1,4 +1,4 @@
-"""Helpers of bench/quality.py and bench/speed.py on tiny Qwen3 models: quantizer swaps, bits, timing."""
+"""Helpers of bench/quality.py, bench/speed.py and bench/gguf_q2k.py on tiny models: quantizer swaps, bits, timing, Q2_K."""
 
 import importlib.util
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_qwen3
+from conftest import build_tokenizer, qat_model_with_trained_f, qat_modules, tiny_qwen3
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -25,6 +25,7 @@ def load_bench(name: str):
 
 quality = load_bench("quality")
 speed = load_bench("speed")
+gguf_q2k = load_bench("gguf_q2k")
 
 
 def untied_model():
@@ -238,3 +239,68 @@ def test_newton_init_one_layer():
     result = speed.measure_newton_init("per_channel", layers=1)
     assert result["linears"] == 7
     assert result["total_s"] > 0
+
+
+# bench/gguf_q2k.py
+
+
+def test_pad_columns_to_whole_blocks():
+    matrix = torch.arange(6.0).reshape(2, 3).numpy()
+    padded = gguf_q2k.pad_columns(matrix, multiple=4)
+    assert padded.shape == (2, 4)
+    assert padded[:, :3].tolist() == matrix.tolist()
+    assert padded[:, 3].tolist() == [0.0, 0.0]
+    assert gguf_q2k.pad_columns(padded, multiple=4) is padded
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_our_q2k_weight_fp16_half_scale(granularity):
+    # hidden 64 is a quarter of a Q2_K block, so every row is padded as SmolLM2's 576 columns are.
+    model = qat_model_with_trained_f(granularity)
+    for layer in qat_modules(model).values():
+        quantizer = layer.weight_fake_quantizer
+        with torch.no_grad():
+            codes = quantizer.codes(layer.weight).reshape(layer.weight.shape)
+            half_scale = (quantizer.scale(layer.weight) / 2).half().float().reshape(-1, 1)
+            expected = half_scale * (2 * codes - 1)  # d * (2 q - 3) with q = code + 1
+            stored = gguf_q2k.our_q2k_weight(layer)
+            assert torch.equal(stored, expected)
+            assert torch.allclose(stored, quantizer(layer.weight), rtol=2**-11, atol=0.0)
+
+
+def test_our_q2k_weight_rejects_groups():
+    model = qat_model_with_trained_f("per_group", group_size=16)
+    layer = next(iter(qat_modules(model).values()))
+    with pytest.raises(ValueError, match="per-group scales"):
+        gguf_q2k.our_q2k_weight(layer)
+
+
+def test_tensor_types_counts_2d_tensors(tmp_path):
+    from peft_qat2bit.gguf_export import export_gguf
+
+    tokenizer = build_tokenizer()
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    model = qat_model_with_trained_f("per_channel", vocab_size=len(tokenizer), **shape)
+    export_gguf(model, tmp_path / "model.gguf", tokenizer=tokenizer)
+
+    # 2 layers x 7 linears as Q2_K and the tied embedding in f16; norms are 1-D and not counted.
+    assert gguf_q2k.tensor_types(tmp_path / "model.gguf") == "Q2_K x14, F16 x1"
+
+
+@pytest.mark.slow
+def test_ggml_q2k_round_trip_padding():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    library = gguf_q2k.ggml_library()
+    torch.manual_seed(0)
+    weight = torch.randn(8, 320)
+    rounded = gguf_q2k.ggml_q2k_round_trip(library, weight)
+    assert rounded.shape == weight.shape
+    # The first 256 columns are a whole block and the last 64 a padded one; each rounds on its own.
+    assert torch.equal(rounded[:, :256], gguf_q2k.ggml_q2k_round_trip(library, weight[:, :256]))
+    assert torch.equal(rounded[:, 256:], gguf_q2k.ggml_q2k_round_trip(library, weight[:, 256:]))
+    # Each 16-weight sub-block takes at most 4 values (q in 0..3) and stays near the weights.
+    for sub_block in rounded.reshape(-1, 16):
+        assert sub_block.unique().numel() <= 4
+    assert (rounded - weight).abs().max() < weight.abs().max()
+    importance = torch.rand(320)
+    assert not torch.equal(gguf_q2k.ggml_q2k_round_trip(library, weight, importance), rounded)
