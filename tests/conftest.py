@@ -1,10 +1,19 @@
 """Shared fixtures: tiny Qwen3 models, a small offline tokenizer with Qwen3's chat template, Alpaca rows."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from trl.chat_template_utils import qwen3_chat_template
+
+# torch.compile on a CPU builds its kernels with a C++ compiler (Inductor looks at $CXX, then g++ and clang++).
+requires_cpp_compiler = pytest.mark.skipif(
+    not any(shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if name),
+    reason="torch.compile needs a C++ compiler on a CPU, and none was found",
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 

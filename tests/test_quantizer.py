@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cpp_compiler
 
 from peft_qat2bit import Balanced2BitFakeQuantizeConfig, Balanced2BitFakeQuantizer, QATLinear
 from peft_qat2bit.quantizer import LEVELS, TINY_SCALE, NewtonResult, fake_quantize_balanced, newton_clip
@@ -160,7 +161,7 @@ def test_lsq_scale_grad_hand_values(scale_shape, expected):
     assert torch.equal(scale.grad, torch.tensor(expected))
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=requires_cpp_compiler)])
 def test_quantizer_grads_hand_values(compile):
     weight = torch.tensor(HAND_WEIGHT, requires_grad=True)
     quantizer = Balanced2BitFakeQuantizer(Balanced2BitFakeQuantizeConfig("per_tensor", compile=compile), weight.shape)
@@ -196,6 +197,7 @@ def test_f_grad_chain_rule(granularity, group_size):
 
 
 
+@requires_cpp_compiler
 @pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
 def test_compiled_matches_eager(granularity, group_size):
     torch.manual_seed(5)

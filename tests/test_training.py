@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_qwen3, tiny_sft_config
+from conftest import requires_cpp_compiler, tiny_qwen3, tiny_sft_config
 from datasets import Dataset
 from torchao.quantization import quantize_
 from transformers import TrainerCallback
@@ -76,6 +76,7 @@ def test_sft_lowers_loss_and_updates_f(tokenizer, alpaca_rows, tmp_path):
         assert not torch.equal(layer.weight_fake_quantizer.f, f_before[name]), name
 
 
+@requires_cpp_compiler
 def test_compiled_quantizer_trains_like_eager(tokenizer, alpaca_rows, tmp_path):
     finals = []
     for compile in (False, True):
