@@ -91,6 +91,7 @@ class Balanced2BitFakeQuantizer(FakeQuantizerBase):
         self.f = torch.nn.Parameter(
             torch.ones(shape, dtype=torch.float32, device=device), requires_grad=config.learnable_scale
         )
+        self._checked_version: Optional[tuple[int, int]] = None  # (data_ptr, _version) of the last valid f
 
     def group_view(self, weight: torch.Tensor) -> torch.Tensor:
         """Reshape a weight (out, in) to (rows, groups, group_len) as the scales see it."""
@@ -105,7 +106,12 @@ class Balanced2BitFakeQuantizer(FakeQuantizerBase):
         if not self.enabled:
             return weight
         if self.training and torch.is_grad_enabled():
-            self.check_scale()
+            # f changes only in optimizer steps and loads, which bump its version, so further forwards
+            # of the same step (gradient accumulation, activation checkpointing) skip the device sync.
+            version = (self.f.data_ptr(), self.f._version)
+            if version != self._checked_version:
+                self.check_scale()
+                self._checked_version = version
         if self.config.compile:
             return compiled_fake_quantize_weight()(weight, self.f)
         return fake_quantize_weight(weight, self.f)

@@ -185,3 +185,26 @@ def test_bad_f_skipped_no_grad(tiny_model):
         logits = tiny_model(token_ids()).logits
 
     assert logits.shape == (2, 8, 512)
+
+
+def test_bad_f_caught_after_valid_forward(tiny_model):
+    # The check is skipped while f keeps its version, so an in-place edit after a valid forward must
+    # still be caught by the next training forward.
+    quantize_(tiny_model, QAT2BitConfig())
+    tiny_model.train()
+    tiny_model(token_ids())
+    set_f(tiny_model, Q_PROJ, -1.0)
+
+    with pytest.raises(ValueError, match=re.escape(Q_PROJ) + ": 1 of 1 clip factors f"):
+        tiny_model(token_ids())
+
+
+def test_bad_f_caught_after_data_swap(tiny_model):
+    quantize_(tiny_model, QAT2BitConfig())
+    tiny_model.train()
+    tiny_model(token_ids())
+    quantizer = dict(tiny_model.named_modules())[Q_PROJ].weight_fake_quantizer
+    quantizer.f.data = torch.zeros_like(quantizer.f)
+
+    with pytest.raises(ValueError, match=re.escape(Q_PROJ) + ": 1 of 1 clip factors f"):
+        tiny_model(token_ids())
