@@ -7,7 +7,7 @@ table of held-out perplexity with five rows: the float model, 2-bit rounding wit
 model. It saves the QAT checkpoint and the adapter.
 
     python examples/quickstart.py
-    python examples/quickstart.py --smoke            # 2 steps on a few tokens: checks install and loading
+    python examples/quickstart.py --smoke            # 2 steps on a few tokens, in outputs/quickstart-smoke
     python examples/quickstart.py --model_name_or_path Qwen/Qwen3-0.6B --dataset tatsu-lab/alpaca --bf16
 """
 
@@ -64,7 +64,10 @@ class QuickstartArguments:
     learning_rate: float = field(default=1e-4, metadata={"help": "Stage A learning rate of the weights."})
     f_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the clip factors f."})
     eval_tokens: int = field(default=16384, metadata={"help": "Held-out tokens used for perplexity."})
-    output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the checkpoint and results go."})
+    output_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where the checkpoint and results go; default outputs/quickstart, or outputs/quickstart-smoke with --smoke."},
+    )
     smoke: bool = field(default=False, metadata={"help": "2 steps on 2 blocks of 64 tokens and 256 held-out tokens."})
     distill: bool = field(
         default=False, metadata={"help": "Train both stages against the float model as a frozen teacher as well."}
@@ -101,6 +104,9 @@ def quantized_copy(model, weight_config: Balanced2BitFakeQuantizeConfig):
 
 
 def main(args: QuickstartArguments) -> dict:
+    if args.output_dir is None:
+        # A smoke run gets its own directory, so that it never replaces the checkpoint of a full run.
+        args.output_dir = "outputs/quickstart-smoke" if args.smoke else "outputs/quickstart"
     if args.smoke:
         args.max_steps, args.lora_steps, args.batch_size, args.block_length, args.eval_tokens = 2, 2, 2, 64, 256
     set_seed(args.seed)

@@ -118,6 +118,8 @@ def _load_peft_model(peft_model_or_adapter, base_checkpoint):
     from .checkpoint import load_qat_model
 
     adapter_dir = Path(peft_model_or_adapter)
+    if not adapter_dir.is_dir():
+        raise ValueError(f"adapter directory {adapter_dir} does not exist; check the path")
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise ValueError(f"{adapter_dir} is not an adapter directory: {config_file.name} is missing")

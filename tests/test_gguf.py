@@ -526,7 +526,13 @@ def test_cli_export_lora_rejects_missing_adapter(tmp_path, capsys):
         cli_main(["export-lora", str(tmp_path / "nothing"), str(tmp_path / "adapter.gguf")])
 
     assert raised.value.code == 1
-    assert "adapter_config.json is missing" in capsys.readouterr().err
+    assert f"adapter directory {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+
+
+def test_lora_rejects_directory_without_config(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        export_gguf_lora(tmp_path / "adapter", tmp_path / "adapter.gguf")
 
 
 @pytest.mark.slow
