@@ -2,7 +2,9 @@
 
 Five measurements, all from one run, with ``torch.set_num_threads(--threads)``:
 
-1. stage A QAT step / full fine-tune step of the same float model and batch (AdamW, fwd + bwd + step);
+1. stage A QAT step / full fine-tune step of the same float model and batch (AdamW, fwd + bwd + step),
+   with the eager quantizer and with the ``compile=True`` one (torch.compile kernels), and the
+   quantizer's own forward and backward on one MLP weight, compiled / eager;
 2. stage B step (``QATLoraConfig`` on the QAT model) / stock PEFT ``LoraConfig`` step on the float model;
 3. stage B peak RSS with the packed 2-bit base / with the fake-quantized float base, by
    bench/stage_b_memory.py's subprocess workers;
@@ -11,7 +13,7 @@ Five measurements, all from one run, with ``torch.set_num_threads(--threads)``:
 5. the Newton init time of every linear layer of the Qwen/Qwen3-0.6B shape (random bf16 weights,
    built one layer at a time, so RAM stays under 100 MB).
 
-For 1 and 2 the two steps alternate (A, B, A, B, ...) after warm-up steps, so that load from other
+For 1 and 2 the two sides alternate (A, B, A, B, ...) after warm-up steps, so that load from other
 processes hits both sides alike. The ratio is the median of the per-pair ratios, and the min and max
 of those ratios are its spread. Models for 1, 2 and 4 are random Qwen3 models of bench/stage_b_memory.py's
 "small" shape (hidden 512, 8 layers, vocab 32000) unless ``--size`` sets another.
@@ -101,33 +103,62 @@ def measure_step_ratios(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from torchao.quantization import quantize_
 
-    from peft_qat2bit import QAT2BitConfig, QATLoraConfig
+    from peft_qat2bit import Balanced2BitFakeQuantizeConfig, QAT2BitConfig, QATLoraConfig
     from peft_qat2bit.optim import qat_parameter_groups
 
     base = random_model(args.size)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len))
 
     float_model = copy.deepcopy(base).train()
-    qat_model = copy.deepcopy(base).train()
-    quantize_(qat_model, QAT2BitConfig())
     float_step = training_step(float_model, torch.optim.AdamW(trainable(float_model), lr=1e-5), batch)
-    qat_step = training_step(qat_model, torch.optim.AdamW(qat_parameter_groups(qat_model, 1e-5, 1e-4)), batch)
-    qat_times, float_times = time_interleaved(qat_step, float_step, args.repeats, args.warmup)
-    stage_a = {"qat_s": summarize(qat_times), "full_finetune_s": summarize(float_times),
-               "ratio": paired_ratio(qat_times, float_times)}
-    del float_model, float_step, qat_step
+    results = {}
+    for key, compile in (("stage_a", False), ("stage_a_compiled", True)):
+        qat_model = copy.deepcopy(base).train()
+        quantize_(qat_model, QAT2BitConfig(weight_config=Balanced2BitFakeQuantizeConfig(compile=compile)))
+        qat_step = training_step(qat_model, torch.optim.AdamW(qat_parameter_groups(qat_model, 1e-5, 1e-4)), batch)
+        # The warm-up steps of the compiled side include compiling its kernels, so they are not timed.
+        qat_times, float_times = time_interleaved(qat_step, float_step, args.repeats, args.warmup)
+        results[key] = {"qat_s": summarize(qat_times), "full_finetune_s": summarize(float_times),
+                        "ratio": paired_ratio(qat_times, float_times)}
+        del qat_step
+    del float_model, float_step
 
     lora_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=args.lora_r, lora_alpha=args.lora_r,
                                                                 target_modules=list(PROJECTIONS)))
+    # Stage B runs over the last QAT model (compiled quantizer); its weights are cached once frozen.
     stage_b_model = get_peft_model(qat_model, QATLoraConfig(r=args.lora_r, lora_alpha=args.lora_r))
     lora_model.train()
     stage_b_model.train()
     lora_step = training_step(lora_model, torch.optim.AdamW(trainable(lora_model), lr=1e-4), batch)
     stage_b_step = training_step(stage_b_model, torch.optim.AdamW(trainable(stage_b_model), lr=1e-4), batch)
     stage_b_times, lora_times = time_interleaved(stage_b_step, lora_step, args.repeats, args.warmup)
-    stage_b = {"stage_b_s": summarize(stage_b_times), "peft_lora_s": summarize(lora_times),
-               "ratio": paired_ratio(stage_b_times, lora_times)}
-    return {"stage_a": stage_a, "stage_b": stage_b}
+    results["stage_b"] = {"stage_b_s": summarize(stage_b_times), "peft_lora_s": summarize(lora_times),
+                          "ratio": paired_ratio(stage_b_times, lora_times)}
+    return results
+
+
+def measure_quantizer_kernel(args: argparse.Namespace) -> dict:
+    """Time the fake quantizer alone, forward and backward on one MLP-shaped weight, compile=True against eager."""
+    from peft_qat2bit import Balanced2BitFakeQuantizeConfig, Balanced2BitFakeQuantizer
+
+    shape = (stage_b_memory.SIZES[args.size]["intermediate_size"], stage_b_memory.SIZES[args.size]["hidden_size"])
+    torch.manual_seed(0)
+    weight = (torch.randn(shape) * 0.02).requires_grad_()
+    upstream = torch.randn(shape)
+
+    def quantize_step(compile: bool) -> Callable[[], None]:
+        quantizer = Balanced2BitFakeQuantizer(Balanced2BitFakeQuantizeConfig(compile=compile), shape)
+        quantizer.initialize_(weight)
+
+        def step() -> None:
+            quantizer(weight).backward(upstream)
+            weight.grad = quantizer.f.grad = None
+
+        return step
+
+    compiled_times, eager_times = time_interleaved(quantize_step(True), quantize_step(False), args.repeats * 5, args.warmup)
+    return {"shape": list(shape), "compiled_s": summarize(compiled_times), "eager_s": summarize(eager_times),
+            "ratio": paired_ratio(compiled_times, eager_times)}
 
 
 def measure_stage_b_memory(args: argparse.Namespace) -> dict:
@@ -241,18 +272,20 @@ def profile_hot_ops(args: argparse.Namespace, rows: int = 8) -> dict[str, str]:
     from torch.profiler import ProfilerActivity, profile
     from torchao.quantization import quantize_
 
-    from peft_qat2bit import QAT2BitConfig, export_packed, load_packed
+    from peft_qat2bit import Balanced2BitFakeQuantizeConfig, QAT2BitConfig, export_packed, load_packed
     from peft_qat2bit.optim import qat_parameter_groups
 
     base = random_model(args.size)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len))
     float_model = copy.deepcopy(base).train()
-    qat_model = copy.deepcopy(base).train()
-    quantize_(qat_model, QAT2BitConfig())
     cases = {
         "full fine-tune step": training_step(float_model, torch.optim.AdamW(trainable(float_model), lr=1e-5), batch),
-        "stage A step": training_step(qat_model, torch.optim.AdamW(qat_parameter_groups(qat_model, 1e-5, 1e-4)), batch),
     }
+    for label, compile in (("stage A step", False), ("stage A step, compile=True", True)):
+        qat_model = copy.deepcopy(base).train()
+        quantize_(qat_model, QAT2BitConfig(weight_config=Balanced2BitFakeQuantizeConfig(compile=compile)))
+        optimizer = torch.optim.AdamW(qat_parameter_groups(qat_model, 1e-5, 1e-4))
+        cases[label] = training_step(qat_model, optimizer, batch)
     with tempfile.TemporaryDirectory(prefix="speed_profile.") as directory:
         export_packed(qat_model, Path(directory) / "packed")
         packed = load_packed(Path(directory) / "packed")
@@ -265,6 +298,8 @@ def profile_hot_ops(args: argparse.Namespace, rows: int = 8) -> dict[str, str]:
     cases["packed forward, 1 x 16 tokens"] = packed_forward
     tables = {}
     for name, step in cases.items():
+        # Two untimed steps: the first compiles the compile=True kernels, forward and backward.
+        step()
         step()
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             step()
@@ -272,8 +307,9 @@ def profile_hot_ops(args: argparse.Namespace, rows: int = 8) -> dict[str, str]:
     return tables
 
 
-def spread(summary: dict) -> str:
-    return f"{summary['median']:.3f} ({summary['min']:.3f}-{summary['max']:.3f})"
+def spread(summary: dict, unit: float = 1.0) -> str:
+    """Format median (min-max) of ``summary``, each multiplied by ``unit`` (1000 turns seconds into ms)."""
+    return f"{summary['median'] * unit:.3f} ({summary['min'] * unit:.3f}-{summary['max'] * unit:.3f})"
 
 
 def print_tables(args: argparse.Namespace, results: dict) -> None:
@@ -281,11 +317,19 @@ def print_tables(args: argparse.Namespace, results: dict) -> None:
           f"torch threads {args.threads}, {args.repeats} interleaved repetitions after {args.warmup} warm-up")
     print("| measurement | this package | baseline | ratio, median (min-max) | goal |")
     print("|---|---|---|---|---|")
+    kernel = results.get("quantizer")
+    if kernel:
+        rows, cols = kernel["shape"]
+        print(f"| fake quantizer fwd + bwd, {rows} x {cols} weight, compile=True / eager | "
+              f"{spread(kernel['compiled_s'], 1000)} ms | {spread(kernel['eager_s'], 1000)} ms | "
+              f"{spread(kernel['ratio'])} | - |")
     steps = results.get("steps")
     if steps:
-        stage_a, stage_b = steps["stage_a"], steps["stage_b"]
-        print(f"| step time, stage A QAT / full fine-tune | {spread(stage_a['qat_s'])} s | "
-              f"{spread(stage_a['full_finetune_s'])} s | {spread(stage_a['ratio'])} | <= 1.05 |")
+        stage_b = steps["stage_b"]
+        for key, label in (("stage_a", "eager quantizer"), ("stage_a_compiled", "compile=True")):
+            stage_a = steps[key]
+            print(f"| step time, stage A QAT ({label}) / full fine-tune | {spread(stage_a['qat_s'])} s | "
+                  f"{spread(stage_a['full_finetune_s'])} s | {spread(stage_a['ratio'])} | <= 1.05 |")
         print(f"| step time, stage B / PEFT LoRA on float | {spread(stage_b['stage_b_s'])} s | "
               f"{spread(stage_b['peft_lora_s'])} s | {spread(stage_b['ratio'])} | <= 1.00 |")
     memory = results.get("memory")
@@ -342,6 +386,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     results = {"arguments": vars(args), "torch": torch.__version__}
     if "steps" not in args.skip:
+        results["quantizer"] = measure_quantizer_kernel(args)
         results["steps"] = measure_step_ratios(args)
     if "memory" not in args.skip:
         results["memory"] = measure_stage_b_memory(args)
