@@ -203,7 +203,6 @@ def tokens_per_second(path: Path, prompt: list[int], new_tokens: int, repeats: i
     rates = []
     try:
         for repeat in range(repeats + 1):
-            llm.reset()
             first = None
             for produced, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), start=1):
                 if produced == 1:

@@ -149,11 +149,13 @@ def _lora_pairs(model, config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         )
     pairs = {}
     for full_name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
-            if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_embedding_A", {}):
-                raise ValueError(f"{full_name}: LoRA on an embedding cannot be written as a GGUF LoRA adapter")
+        if not isinstance(module, LoraLayer):
             continue
         name = full_name.removeprefix(PEFT_PREFIX)
+        if adapter in module.lora_embedding_A:
+            raise ValueError(f"{name}: LoRA on an embedding cannot be written as a GGUF LoRA adapter")
+        if adapter not in module.lora_A:
+            continue
         if module.use_dora.get(adapter, False):
             raise ValueError(f"{name}: DoRA adapters cannot be written as a llama.cpp LoRA adapter; use plain LoRA")
         if module.lora_B[adapter].bias is not None:
