@@ -1,7 +1,9 @@
 """Shared fixtures: tiny Qwen3 models, a small offline tokenizer with Qwen3's chat template, Alpaca rows."""
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +159,17 @@ def tokenizer():
 @pytest.fixture
 def alpaca_rows():
     return [dict(row) for row in ALPACA_ROWS]
+
+
+def write_alpaca_file(directory, rows=ALPACA_ROWS) -> Path:
+    """Write ``rows`` as ``alpaca.json`` in ``directory``, the file the example scripts read with --dataset_name."""
+    path = Path(directory) / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def write_tiny_base(directory, tokenizer) -> Path:
+    """Save a tiny Qwen3 and ``tokenizer`` to ``directory`` as a model the example scripts load by path."""
+    tiny_qwen3(vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import qat_modules, tiny_qwen3, tiny_sft_config
+from conftest import qat_modules, tiny_qwen3, tiny_sft_config, write_alpaca_file, write_tiny_base
 from datasets import Dataset
 from torchao.quantization import quantize_
 from trl import SFTConfig, SFTTrainer
@@ -177,7 +177,6 @@ def test_invalid_alpha_raises(tokenizer, alpaca_rows, tmp_path):
 
 
 def test_train_qat_script_distills(tokenizer, alpaca_rows, tmp_path):
-    import json
     import sys
     from pathlib import Path
 
@@ -187,11 +186,8 @@ def test_train_qat_script_distills(tokenizer, alpaca_rows, tmp_path):
 
     from peft_qat2bit.distill import DistillArguments
 
-    model_dir = tmp_path / "base"
-    tiny_qwen3(vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data_file = tmp_path / "alpaca.json"
-    data_file.write_text(json.dumps(alpaca_rows))
+    model_dir = write_tiny_base(tmp_path / "base", tokenizer)
+    data_file = write_alpaca_file(tmp_path, alpaca_rows)
 
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, QATArguments, DistillArguments))
     parsed = parser.parse_args_and_config(

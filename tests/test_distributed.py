@@ -112,11 +112,9 @@ def run_both(stage: str, root: Path, script_args: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def alpaca_file(tmp_path_factory):
-    from conftest import ALPACA_ROWS
+    from conftest import write_alpaca_file
 
-    path = tmp_path_factory.mktemp("data") / "alpaca.json"
-    path.write_text(json.dumps(ALPACA_ROWS))
-    return path
+    return write_alpaca_file(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

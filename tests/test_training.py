@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_cpp_compiler, tiny_qwen3, tiny_sft_config
+from conftest import requires_cpp_compiler, tiny_qwen3, tiny_sft_config, write_alpaca_file, write_tiny_base
 from datasets import Dataset
 from torchao.quantization import quantize_
 from transformers import TrainerCallback
@@ -196,18 +196,14 @@ def test_ema_rejects_invalid_decay():
 
 
 def test_train_qat_script_runs(tokenizer, alpaca_rows, tmp_path):
-    import json
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from train_qat import QATArguments, main
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    model_dir = tmp_path / "base"
-    tiny_qwen3(vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data_file = tmp_path / "alpaca.json"
-    data_file.write_text(json.dumps(alpaca_rows))
+    model_dir = write_tiny_base(tmp_path / "base", tokenizer)
+    data_file = write_alpaca_file(tmp_path, alpaca_rows)
     output_dir = tmp_path / "out"
 
     parser = TrlParser((ScriptArguments, SFTConfig, QATArguments, ModelConfig))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_lora_b, tiny_qwen3, tiny_sft_config
+from conftest import randomize_lora_b, tiny_qwen3, tiny_sft_config, write_alpaca_file
 from datasets import Dataset
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -416,8 +416,7 @@ def test_train_lora_recovery_script_runs(tokenizer, alpaca_rows, tmp_path):
     checkpoint = tmp_path / "stage_a"
     save_qat_model(qat_model(vocab_size=len(tokenizer)), str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
-    data_file = tmp_path / "alpaca.json"
-    data_file.write_text(json.dumps(alpaca_rows))
+    data_file = write_alpaca_file(tmp_path, alpaca_rows)
     output_dir = tmp_path / "adapter"
 
     parser = TrlParser((ScriptArguments, SFTConfig, LoraArguments))
