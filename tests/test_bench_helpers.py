@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tokenizer, qat_model_with_trained_f, qat_modules, tiny_qwen3
+from conftest import build_tokenizer, qat_model_with_trained_f, qat_modules, requires_cpp_compiler, tiny_qwen3
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -239,6 +239,18 @@ def test_newton_init_one_layer():
     result = speed.measure_newton_init("per_channel", layers=1)
     assert result["linears"] == 7
     assert result["total_s"] > 0
+
+
+@requires_cpp_compiler
+def test_quantizer_kernel_timing():
+    args = speed.parse_args(["--repeats", "1", "--warmup", "1"])
+    result = speed.measure_quantizer_kernel(args)
+    assert result["shape"] == [1536, 512]
+    assert result["compiled_s"]["count"] == 5  # --repeats 1 times 5 calls of the quantizer alone
+    assert result["ratio"]["count"] == 5
+    assert result["compiled_s"]["median"] > 0
+    assert result["eager_s"]["median"] > 0
+    assert result["ratio"]["median"] > 0
 
 
 # bench/gguf_q2k.py
